@@ -1,0 +1,47 @@
+"""The ``hf-px`` command line: one sub-command per job, each defined in ``hf_px.commands.<name>``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module exposes ``register(subparsers)``, which adds its parser and sets ``func=run``.
+COMMANDS = [
+    "hf_px.commands.push",
+    "hf_px.commands.prune",
+    "hf_px.commands.demo",
+    "hf_px.commands.finetune",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-px",
+        description="Prune Hugging Face checkpoints for a downstream task with PX (Path eXclusion) saliency, "
+        "shrink widths with PCN projections, fine-tune with Accelerate and push to the Hub.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("hf-px: interrupted; nothing was written to the output directory.", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError, OSError) as err:
+        print(f"hf-px {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Masks: the density schedule, the global threshold, and applying/deriving masks.
+
+Masks are boolean tensors keyed by parameter name, shaped like the parameter. Pruned weights are zeroed in
+place as soon as they are pruned, so the model itself always *is* the masked model: no hooks, nothing to
+remove before ``save_pretrained``. ``masks_from_model`` recovers the masks of any checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .targets import Target
+
+
+def density_schedule(target_density: float, rounds: int) -> list[float]:
+    """Exponential schedule d_r = d^(r/R), r = 1..R (PX, SynFlow); the last entry is the target."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}.")
+    return [target_density ** (r / rounds) for r in range(1, rounds + 1)]
+
+
+def init_masks(targets: list[Target]) -> dict[str, torch.Tensor]:
+    """All-True masks for the parameters of ``targets`` (already-zero weights count as kept)."""
+    return {t.param_name: torch.ones_like(t.param, dtype=torch.bool) for t in targets}
+
+
+def masks_from_model(model: nn.Module, param_names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Masks read back from a checkpoint's zeros (weight != 0).
+
+    With ``param_names=None`` the prunable set of the model's architecture is used.
+    """
+    if param_names is None:
+        from .targets import collect_targets
+
+        param_names = list(dict.fromkeys(t.param_name for t in collect_targets(model, generic=True)))
+    params = dict(model.named_parameters())
+    return {n: params[n].detach() != 0 for n in param_names}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every pruned weight in place."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].dtype))
+
+
+def _keep_count(density: float, total: int) -> int:
+    # round() keeps the achieved density within half a weight of the target
+    return min(total, max(0, int(round(density * total))))
+
+
+def _topk_mask(scores: torch.Tensor, alive: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask keeping the ``keep`` highest scores among alive entries (pruned stay pruned)."""
+    flat = torch.where(alive.flatten(), scores.flatten().double(), torch.tensor(-math.inf, dtype=torch.float64))
+    out = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep = min(keep, int(alive.sum()))
+    if keep > 0:
+        out[torch.topk(flat, keep, sorted=False).indices] = True
+    return out.view_as(alive)
+
+
+def select_masks(
+    targets: list[Target],
+    scores: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    density: float,
+    min_density_ratio: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """New masks at ``density`` over all targets with one global threshold.
+
+    On-path targets share one global ranking. Off-path targets (``on_path=False``, e.g. Q/K under PX) are
+    never compared with them: each gets the density its block's reference roles reach at the threshold and
+    is ranked within itself. The cut is found by bisection so that the total kept count is exact.
+    ``min_density_ratio`` > 0 guards against layer collapse: every on-path matrix keeps at least
+    ``min_density_ratio * density`` of its weights (its best-scored ones).
+    """
+    total = sum(t.numel() for t in targets)
+    keep_total = _keep_count(density, total)
+    on = [t for t in targets if t.on_path]
+    off = [t for t in targets if not t.on_path]
+    alive = {t.key: t.view(masks[t.param_name]) for t in targets}
+    neg_inf = torch.tensor(-math.inf, dtype=torch.float64)
+
+    parts = []
+    for t in on:
+        flat = torch.where(alive[t.key], scores[t.key].double(), neg_inf).flatten()
+        floor = min(math.ceil(min_density_ratio * density * t.numel()), int(alive[t.key].sum()))
+        if floor > 0:  # the floor entries sort first, so any cut keeps them
+            flat[torch.topk(flat, floor).indices] = math.inf
+        parts.append(flat)
+    flat_scores = torch.cat(parts)
+    order = torch.argsort(flat_scores, descending=True)
+    n_alive_on = int((flat_scores > -math.inf).sum())
+
+    if off:
+        # sorted positions of each (block, role) group: its survivors at cut m are searchsorted(positions, m)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))
+        group_of: dict[tuple[int, str], int] = {}
+        positions, offset = [], 0
+        for t in on:  # each target's entries are contiguous in flat_scores
+            group_of[(t.block, t.role)] = len(positions)
+            positions.append(torch.sort(rank[offset:offset + t.numel()]).values)
+            offset += t.numel()
+        sizes = [len(p) for p in positions]
+        follow_ids = [[group_of[(t.block, r)] for r in t.follows if (t.block, r) in group_of] for t in off]
+        off_alive = [int(alive[t.key].sum()) for t in off]
+
+        def off_counts(m: int) -> list[int]:
+            kept = [int(torch.searchsorted(p, m)) for p in positions]
+            counts = []
+            for t, ids, n_alive in zip(off, follow_ids, off_alive, strict=True):
+                rho = sum(kept[i] for i in ids) / max(sum(sizes[i] for i in ids), 1) if ids else m / len(order)
+                counts.append(min(int(round(rho * t.numel())), n_alive))
+            return counts
+
+        lo, hi = 0, n_alive_on  # largest m with m + Σ off_counts(m) <= keep_total
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if mid + sum(off_counts(mid)) <= keep_total:
+                lo = mid
+            else:
+                hi = mid - 1
+        counts = off_counts(lo)
+        m_on = min(n_alive_on, keep_total - sum(counts))
+    else:
+        m_on, counts = min(keep_total, n_alive_on), []
+
+    keep_flat = torch.zeros(len(flat_scores), dtype=torch.bool)
+    keep_flat[order[:m_on]] = True
+    new = {name: torch.zeros_like(m) for name, m in masks.items()}
+    offset = 0
+    for t in on:
+        n = t.numel()
+        t.view(new[t.param_name]).copy_(keep_flat[offset:offset + n].view_as(alive[t.key]))
+        offset += n
+    for t, k in zip(off, counts, strict=True):
+        t.view(new[t.param_name]).copy_(_topk_mask(scores[t.key], alive[t.key], k))
+    return new
+
+
+def density(masks: dict[str, torch.Tensor]) -> float:
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return kept / max(total, 1)

@@ -1,0 +1,159 @@
+"""``hf_px.prune``: the iterative pruning loop, written once for every scoring method."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import PruneConfig
+from .masks import apply_masks, density_schedule, init_masks, select_masks
+from .registry import find_arch
+from .report import Report, layer_rows
+from .scoring import ScoringContext, get_scorer
+from .targets import collect_targets, is_transformers_model
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` returns.
+
+    ``model`` is the pruned model itself (zeros baked into its weights, no hooks left), ``masks`` the boolean
+    masks by parameter name, ``report`` a :class:`~hf_px.report.Report` (prints as a table, ``to_dict()`` for JSON).
+    """
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    report: Report
+    config: PruneConfig
+    tokenizer: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def save_pretrained(self, save_directory: str, format: str = "dense", **kwargs: Any):
+        """Save model (+ tokenizer, model card, hf_px.json) atomically; ``format`` is "dense" or "sparse"."""
+        from .serialization import save_pretrained
+
+        kwargs.setdefault("tokenizer", self.tokenizer)
+        return save_pretrained(self.model, save_directory, format=format, masks=self.masks,
+                               metadata={"report": self.report.to_dict()}, **kwargs)
+
+    def push_to_hub(self, repo_id: str, format: str = "dense", private: bool = False, **kwargs: Any) -> str:
+        """Save to a temporary folder and push it as one commit; returns the commit URL."""
+        import tempfile
+
+        from .hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(f"{tmp}/model", format=format)
+            return push_to_hub(str(folder), repo_id, private=private, **kwargs)
+
+
+def _check_batches(batches: list) -> None:
+    if batches is None or len(batches) == 0:
+        raise ValueError(
+            "empty calibration set: pass a non-empty list of batches (e.g. hf_px.calibration_batches(dataset, "
+            "tokenizer, per_class=10))."
+        )
+
+
+def prune(
+    model: nn.Module,
+    batches: list,
+    config: PruneConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` in place to ``config.sparsity`` over its prunable set and return a :class:`PruneResult`.
+
+    Rounds follow d_r = d^(r/R); every round re-scores with the current masks and applies one global threshold
+    (PX's off-path Q/K keep their block's density). Embeddings, norms, biases, pooler and heads stay dense.
+
+    Example:
+        >>> import torch, hf_px
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=2, intermediate_size=64, num_labels=2))
+        >>> batches = [{"input_ids": torch.randint(0, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}]
+        >>> result = hf_px.prune(model, batches, hf_px.PruneConfig(sparsity=0.8, rounds=5), progress=False)
+        >>> round(result.report["achieved_sparsity"], 3)
+        0.8
+    """
+    config = config or PruneConfig()
+    scorer = get_scorer(config.method)
+    if scorer.needs_data:
+        _check_batches(batches)
+    method = config.method
+    if method == "px" and is_transformers_model(model) and find_arch(model) is None and config.generic:
+        warnings.warn("PX needs a registered architecture; generic mode scores with 'ntk_diag' instead.", stacklevel=2)
+        config = dataclasses.replace(config, method="ntk_diag")
+        scorer = get_scorer("ntk_diag")
+
+    extras: dict[str, Any] = {}
+    if config.pcn is not None:
+        from .pcn import apply_pcn
+
+        extras["pcn"] = apply_pcn(model, batches, config.pcn)
+
+    targets = collect_targets(model, generic=config.generic)
+    if not scorer.uses_off_path:
+        targets = [dataclasses.replace(t, on_path=True, follows=()) for t in targets]
+    masks = init_masks(targets)
+    schedule = density_schedule(config.density, config.rounds) if config.sparsity > 0 else []
+    generator = torch.Generator().manual_seed(config.seed)
+    ctx = ScoringContext(model=model, targets=targets, masks=masks, batches=batches, config=config,
+                         generator=generator)
+
+    start = time.perf_counter()
+    scorer.prepare(ctx)
+    bar = tqdm(schedule, desc=f"{config.method} rounds", unit="round", disable=not progress)
+    for r, d in enumerate(bar, start=1):
+        ctx.round = r
+        scores = scorer.score(ctx)
+        ctx.masks = select_masks(targets, scores, ctx.masks, d, config.min_density_ratio)
+        apply_masks(model, ctx.masks)
+        bar.set_postfix(density=f"{d:.4f}")
+    elapsed = time.perf_counter() - start
+
+    named = [(t.key, t.view(ctx.masks[t.param_name])) for t in targets]
+    layers = layer_rows(named)
+    for lay, t in zip(layers, targets, strict=True):
+        lay.update(block=t.block, role=t.role)
+    prunable = sum(lay["numel"] for lay in layers)
+    kept = sum(int(m.sum()) for _, m in named)
+    n_batches = len(batches) if batches else 0
+    n_examples = sum(_batch_size(b) for b in batches) if batches else 0
+    report = Report(
+        method=config.method,
+        target_sparsity=float(config.sparsity),
+        achieved_sparsity=1.0 - kept / max(prunable, 1),
+        rounds=len(schedule),
+        prunable_params=prunable,
+        kept_params=kept,
+        total_params=sum(p.numel() for p in model.parameters()),
+        layers=layers,
+        calibration={"num_examples": n_examples, "num_batches": n_batches, "per_class": None, "dataset": None},
+        base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        time_s=elapsed,
+        time_per_round_s=elapsed / max(len(schedule), 1),
+        config=config.to_dict(),
+    )
+    if "pcn" in extras and hasattr(extras["pcn"], "to_dict"):
+        report["pcn"] = extras["pcn"].to_dict()
+    return PruneResult(model=model, masks=ctx.masks, report=report, config=config, tokenizer=tokenizer,
+                       extras=extras)
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, dict):
+        first = next(iter(batch.values()))
+        return int(first.shape[0])
+    if isinstance(batch, (tuple, list)):
+        return int(batch[0].shape[0])
+    return int(batch.shape[0])

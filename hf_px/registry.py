@@ -1,0 +1,223 @@
+"""Architecture registry: where the blocks, prunable matrices, norms, activations and heads of a model live.
+
+One entry per architecture family, matched by module *type* (never by parameter-name substrings).
+Each entry knows how to reach, from a block module, the Linear/Conv1D layers PX may prune and the
+modules the path surrogate has to intercept. Every other module of the model is kept dense.
+
+Example:
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from hf_px.registry import get_arch
+    >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+    ...     num_attention_heads=2, intermediate_size=64))
+    >>> get_arch(model).name
+    'bert'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers.models.bert import modeling_bert as _bert
+from transformers.models.distilbert import modeling_distilbert as _distilbert
+from transformers.models.gpt2 import modeling_gpt2 as _gpt2
+from transformers.models.llama import modeling_llama as _llama
+from transformers.models.roberta import modeling_roberta as _roberta
+from transformers.models.vit import modeling_vit as _vit
+from transformers.pytorch_utils import Conv1D
+
+
+class UnsupportedArchitectureError(ValueError):
+    """Raised when a model has no registry entry and generic mode was not requested."""
+
+
+# Roles of prunable matrices. Q/K (and a gated MLP's gate) are "off-path" for PX: with the attention
+# probabilities / gate values frozen they carry no path, so they follow the density of a reference group.
+ATTN_ROLES = ("q", "k", "v", "o")
+MLP_ROLES = ("ffn_gate", "ffn_in", "ffn_out")
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """One prunable matrix inside a block.
+
+    ``column_slice`` selects a part of a fused weight (GPT-2 ``c_attn`` holds Q|K|V as column thirds of a
+    Conv1D weight of shape (in, 3*out)): a tuple (dim, index, parts) meaning part ``index`` of ``parts``.
+    """
+
+    role: str
+    path: str  # attribute path relative to the block, e.g. "attention.self.query"
+    split: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class OffPathGroup:
+    """Roles that PX cannot score, and the on-path roles of the same block whose density they follow."""
+
+    roles: tuple[str, ...]
+    follows: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    block_types: tuple[type, ...]
+    blocks: Callable[[nn.Module], nn.ModuleList]  # base model -> ModuleList of repeated blocks
+    layers: tuple[LayerRef, ...]
+    attention: str  # path of the module that calls the attention interface
+    activation: str  # path of the FFN activation module
+    norms: tuple[str, ...]  # paths of the norms inside a block
+    final_norm: str | None = None  # path (relative to the base model) of a norm after the last block
+    gated_mlp: bool = False  # act(gate(x)) * up(x)
+    causal: bool = False
+    norm_kind: str = "layernorm"  # or "rmsnorm"
+    off_path: tuple[OffPathGroup, ...] = field(default_factory=tuple)
+    hidden_size_attr: str = "hidden_size"
+
+    def block_modules(self, base: nn.Module) -> list[nn.Module]:
+        return list(self.blocks(base))
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+_QK_FOLLOW_VO = OffPathGroup(roles=("q", "k"), follows=("v", "o"))
+
+ARCHITECTURES: dict[str, ArchSpec] = {}
+
+
+def register_architecture(spec: ArchSpec) -> ArchSpec:
+    """Add an architecture family to the registry (later entries may override earlier ones)."""
+    ARCHITECTURES[spec.name] = spec
+    return spec
+
+
+register_architecture(ArchSpec(
+    name="bert",
+    block_types=(_bert.BertLayer, _roberta.RobertaLayer),
+    blocks=lambda base: base.encoder.layer,
+    layers=(
+        LayerRef("q", "attention.self.query"), LayerRef("k", "attention.self.key"),
+        LayerRef("v", "attention.self.value"), LayerRef("o", "attention.output.dense"),
+        LayerRef("ffn_in", "intermediate.dense"), LayerRef("ffn_out", "output.dense"),
+    ),
+    attention="attention.self",
+    activation="intermediate.intermediate_act_fn",
+    norms=("attention.output.LayerNorm", "output.LayerNorm"),
+    off_path=(_QK_FOLLOW_VO,),
+))
+
+register_architecture(ArchSpec(
+    name="distilbert",
+    block_types=(_distilbert.TransformerBlock,),
+    blocks=lambda base: base.transformer.layer,
+    layers=(
+        LayerRef("q", "attention.q_lin"), LayerRef("k", "attention.k_lin"),
+        LayerRef("v", "attention.v_lin"), LayerRef("o", "attention.out_lin"),
+        LayerRef("ffn_in", "ffn.lin1"), LayerRef("ffn_out", "ffn.lin2"),
+    ),
+    attention="attention",
+    activation="ffn.activation",
+    norms=("sa_layer_norm", "output_layer_norm"),
+    off_path=(_QK_FOLLOW_VO,),
+    hidden_size_attr="dim",
+))
+
+register_architecture(ArchSpec(
+    name="gpt2",
+    block_types=(_gpt2.GPT2Block,),
+    blocks=lambda base: base.h,
+    layers=(
+        LayerRef("q", "attn.c_attn", split=(1, 0, 3)), LayerRef("k", "attn.c_attn", split=(1, 1, 3)),
+        LayerRef("v", "attn.c_attn", split=(1, 2, 3)), LayerRef("o", "attn.c_proj"),
+        LayerRef("ffn_in", "mlp.c_fc"), LayerRef("ffn_out", "mlp.c_proj"),
+    ),
+    attention="attn",
+    activation="mlp.act",
+    norms=("ln_1", "ln_2"),
+    final_norm="ln_f",
+    causal=True,
+    off_path=(_QK_FOLLOW_VO,),
+))
+
+register_architecture(ArchSpec(
+    name="llama",
+    block_types=(_llama.LlamaDecoderLayer,),
+    blocks=lambda base: base.layers,
+    layers=(
+        LayerRef("q", "self_attn.q_proj"), LayerRef("k", "self_attn.k_proj"),
+        LayerRef("v", "self_attn.v_proj"), LayerRef("o", "self_attn.o_proj"),
+        LayerRef("ffn_gate", "mlp.gate_proj"), LayerRef("ffn_in", "mlp.up_proj"),
+        LayerRef("ffn_out", "mlp.down_proj"),
+    ),
+    attention="self_attn",
+    activation="mlp.act_fn",
+    norms=("input_layernorm", "post_attention_layernorm"),
+    final_norm="norm",
+    gated_mlp=True,
+    causal=True,
+    norm_kind="rmsnorm",
+    off_path=(_QK_FOLLOW_VO, OffPathGroup(roles=("ffn_gate",), follows=("ffn_in", "ffn_out"))),
+))
+
+register_architecture(ArchSpec(
+    name="vit",
+    block_types=(_vit.ViTLayer,),
+    blocks=lambda base: base.layers,
+    layers=(
+        LayerRef("q", "attention.q_proj"), LayerRef("k", "attention.k_proj"),
+        LayerRef("v", "attention.v_proj"), LayerRef("o", "attention.o_proj"),
+        LayerRef("ffn_in", "mlp.fc1"), LayerRef("ffn_out", "mlp.fc2"),
+    ),
+    attention="attention",
+    activation="mlp.activation_fn",
+    norms=("layernorm_before", "layernorm_after"),
+    final_norm="layernorm",
+    off_path=(_QK_FOLLOW_VO,),
+))
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformer trunk (``model.base_model`` for Hugging Face models)."""
+    return getattr(model, "base_model", model)
+
+
+def find_arch(model: nn.Module) -> ArchSpec | None:
+    """Registry entry whose block type occurs in ``model``, or None."""
+    block_types = {type(m) for m in model.modules()}
+    for spec in ARCHITECTURES.values():
+        if any(t in block_types for t in spec.block_types):
+            return spec
+    return None
+
+
+def get_arch(model: nn.Module) -> ArchSpec:
+    """Registry entry for ``model``; raises a clear error listing the supported families."""
+    spec = find_arch(model)
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise UnsupportedArchitectureError(
+            f"hf_px has no registry entry for model type {model_type!r}. Supported families: "
+            f"{', '.join(supported_architectures())} (BERT covers RoBERTa and MiniLM). Pass generic=True "
+            "(CLI: --generic) to prune every nn.Linear inside the repeated blocks, scored by the exact NTK "
+            "diagonal, or register an ArchSpec with hf_px.registry.register_architecture."
+        )
+    return spec
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """Resolve a dotted attribute path (structural access, e.g. ``attention.self.query``)."""
+    return _get(root, path)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))

@@ -1,0 +1,79 @@
+"""The scoring interface: one small class per method, found by its ``method`` name.
+
+A scorer turns (model, targets, current masks, calibration batches) into one score tensor per target; the
+iterative schedule, the global threshold and the masks live in :mod:`hf_px.prune` and :mod:`hf_px.masks`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import PruneConfig
+from ..targets import Target
+
+SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: make ``cls`` available as ``PruneConfig(method=cls.method)``."""
+    SCORERS[cls.method] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(SCORERS)
+
+
+def get_scorer(method: str) -> Scorer:
+    try:
+        return SCORERS[method]()
+    except KeyError:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(available_methods())}.") from None
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's forward arguments from a calibration batch (labels are never used for scoring)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes when torch.distributed is running (calibration sharded across ranks)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+@dataclass
+class ScoringContext:
+    model: nn.Module
+    targets: list[Target]
+    masks: dict[str, torch.Tensor]
+    batches: list[dict]
+    config: PruneConfig
+    round: int = 0
+    generator: torch.Generator | None = None
+
+
+class Scorer(ABC):
+    """Score every prunable target; higher means keep.
+
+    ``uses_off_path``: whether targets flagged off-path (Q/K under PX) keep their own per-block ranking.
+    """
+
+    method: ClassVar[str]
+    description: ClassVar[str]
+    uses_off_path: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = True
+
+    def prepare(self, ctx: ScoringContext) -> None:  # noqa: B027 - optional hook
+        """Called once before the first round."""
+
+    @abstractmethod
+    def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        """Return {target.key: scores shaped like target.view(target.param)}."""

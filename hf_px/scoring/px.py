@@ -1,0 +1,236 @@
+"""PX (Path eXclusion) saliency: S_j = θ_j²·|∂R/∂(θ_j²)|, R = Σ_{n,k} A_k(x_n)·B_k(θ) (px.md §2-3, §8).
+
+* Plain networks (Linear/Conv2d + nn.ReLU, no ``transformers`` base class) use the paper's path network:
+  A = unit weights on x² with the real ReLU patterns, B = θ² on an all-ones input, biases 1 in A and b² in B.
+* Registered transformers use the gated-linear surrogate of :mod:`hf_px.surrogate`; the A pass runs in float64
+  with a fixed rescale at each block boundary; heads keep raw weights. Q/K (and a gated MLP's gate) are
+  off-path: scored by the exact NTK diagonal (or magnitude) and ranked inside their block by ``hf_px.masks``.
+
+Ā = Σ_n A(x_n) is the only place the data enter, so it is summed over batches (and all-reduced over
+processes) before the single B pass of the round.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..heads import head_spec, pool, run_head
+from ..registry import get_arch, get_module, is_linear_like
+from ..surrogate import SurrogateRun, surrogate_attention
+from ..targets import Target, is_transformers_model
+from .base import Scorer, ScoringContext, all_reduce_sum, model_inputs, register_scorer
+from .ntk_diag import accumulate_probe_grads, plain_input
+
+
+def _aux_params(root: nn.Module, targets: list[Target], masks: dict, plain: bool) -> tuple[dict, dict, dict]:
+    """Parameter dicts for the A and B passes, and the B-pass leaves {param id: leaf tensor (θ²)}."""
+    target_ids = {id(t.param): t.param_name for t in targets}
+    layer_params = {}
+    for module in root.modules():
+        if is_linear_like(module) or (plain and isinstance(module, nn.Conv2d)):
+            layer_params[id(module.weight)] = "weight"
+            if module.bias is not None:
+                layer_params[id(module.bias)] = "bias"
+    params_a, params_b, leaves = {}, {}, {}
+    for name, p in root.named_parameters():
+        theta = p.detach().double()
+        kind = layer_params.get(id(p))
+        if kind == "weight":
+            mname = target_ids.get(id(p))
+            params_a[name] = masks[mname].double() if mname else torch.ones_like(theta)
+            sq = theta * theta
+            if mname:
+                sq.requires_grad_(True)
+                leaves[id(p)] = sq
+            params_b[name] = sq
+        elif kind == "bias":
+            params_a[name] = torch.ones_like(theta) if plain else torch.zeros_like(theta)
+            params_b[name] = theta * theta if plain else torch.zeros_like(theta)
+        else:
+            params_a[name] = params_b[name] = theta
+    return params_a, params_b, leaves
+
+
+def _px_from_grads(targets: list[Target], leaves: dict, grads: dict) -> dict[str, torch.Tensor]:
+    scores = {}
+    for t in targets:
+        g = grads[id(t.param)]
+        scores[t.key] = t.view(g.abs() * leaves[id(t.param)].detach())
+    return scores
+
+
+def path_scores(model: nn.Module, targets: list[Target], masks: dict, batches: list,
+                head_modules: tuple[nn.Module, ...] = ()) -> tuple[dict[str, torch.Tensor], float]:
+    """PX on a plain ReLU network; returns (scores by target key, R)."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    norms = [(m, "batchnorm") for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    run = SurrogateRun(blocks=[], activations=[], norms=norms, relus=relus)
+    params_a, params_b, leaves = _aux_params(model, targets, masks, plain=True)
+    for head in head_modules:  # official "fc" convention: raw signed weights in both passes
+        for name, p in model.named_parameters():
+            if any(p is q for q in head.parameters()):
+                params_a[name] = params_b[name] = p.detach().double()
+                leaves.pop(id(p), None)
+    was_training = model.training
+    model.eval()
+    a_bar, example = None, None
+    try:
+        with run.installed():
+            for batch in batches:
+                x = plain_input(batch)
+                example = x
+                run.clear()
+                with run.use("record"), torch.no_grad():
+                    model(x)
+                with run.use("A"), torch.no_grad():
+                    out = functional_call(model, params_a, (x.double() ** 2,))
+                a_bar = out.sum(0) if a_bar is None else a_bar + out.sum(0)
+            if a_bar is None:
+                raise ValueError("empty calibration set: PX needs at least one batch.")
+            a_bar = all_reduce_sum(a_bar)
+            with run.use("B"), torch.enable_grad():
+                ones = torch.ones((1, *example.shape[1:]), dtype=torch.float64)
+                out_b = functional_call(model, params_b, (ones,))
+                r = (a_bar * out_b[0]).sum()
+                ids = list(leaves)
+                grads = dict(zip(ids, torch.autograd.grad(r, [leaves[i] for i in ids]), strict=True))
+    finally:
+        model.train(was_training)
+    return _px_from_grads([t for t in targets if id(t.param) in leaves], leaves, grads), float(r.detach())
+
+
+def default_rescale(model: nn.Module) -> float:
+    spec = get_arch(model)
+    block = spec.block_modules(model.base_model)[0]
+    ffn_in = next(get_module(block, ref.path) for ref in spec.layers if ref.role == "ffn_in")
+    w = ffn_in.weight
+    hidden, inter = (w.shape[1], w.shape[0]) if isinstance(ffn_in, nn.Linear) else (w.shape[0], w.shape[1])
+    return float(hidden * max(hidden, inter))
+
+
+def build_run(model: nn.Module, a_gate: str = "secant", rescale: float | None = None):
+    """The surrogate hooks and the head layout of a registered transformer."""
+    spec = get_arch(model)
+    head = head_spec(model)
+    if head is None:
+        raise ValueError(f"PX does not know the head of {type(model).__name__}; use method='ntk_diag'.")
+    base = model.base_model
+    blocks = spec.block_modules(base)
+    norms = [(get_module(b, p), spec.norm_kind) for b in blocks for p in spec.norms]
+    if spec.final_norm:
+        norms.append((get_module(base, spec.final_norm), spec.norm_kind))
+    run = SurrogateRun(blocks=blocks, activations=[get_module(b, spec.activation) for b in blocks], norms=norms,
+                       gated=spec.gated_mlp, causal=spec.causal, a_gate=a_gate,
+                       rescale=rescale or default_rescale(model))
+    return run, head
+
+
+def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, batches: list, *,
+                       qk_score: str = "ntk_diag", a_gate: str = "secant", rescale: float | None = None,
+                       probes: int = 1, generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """PX with the gated-linear surrogate on a registered transformer; returns (scores, R)."""
+    run, head = build_run(model, a_gate=a_gate, rescale=rescale)
+    base = model.base_model
+    on = [t for t in targets if t.on_path]
+    off = [t for t in targets if not t.on_path]
+    off_params = list({id(t.param): t.param for t in off}.values()) if qk_score == "ntk_diag" else []
+    acc = [torch.zeros_like(p, dtype=torch.float64) for p in off_params]
+    params_a, params_b, leaves = _aux_params(base, on, masks, plain=False)
+    pad_id = getattr(model.config, "pad_token_id", None)
+
+    a_bar, lengths, example = None, torch.zeros(2, dtype=torch.float64), None
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in off_params:
+            p.requires_grad_(True)
+        with surrogate_attention(model), run.installed():
+            for batch in batches:
+                inputs = model_inputs(batch)
+                example = inputs
+                mask = inputs.get("attention_mask")
+                run.clear()
+                gates: dict = {}
+                with run.use("record"), torch.set_grad_enabled(bool(off_params)):
+                    hidden = base(**inputs)[0]
+                    out = run_head(head, pool(head, hidden, inputs, pad_id), "record", gates)
+                    if off_params:
+                        valid = mask.to(out.dtype).unsqueeze(-1) if head.pooling == "none" and mask is not None else None
+                        accumulate_probe_grads(out, off_params, acc, probes, generator, valid)
+                run.pad_mask = mask
+                with run.use("A"), torch.no_grad():
+                    hidden_a = functional_call(base, params_a, (), inputs)[0]
+                    out_a = run_head(head, pool(head, hidden_a, inputs, pad_id), "A", gates)
+                    if head.pooling == "none" and mask is not None:
+                        out_a = out_a * mask.to(out_a.dtype).unsqueeze(-1)
+                run.pad_mask = None
+                a_bar = out_a.sum(0) if a_bar is None else a_bar + out_a.sum(0)
+                if mask is not None:
+                    lengths += torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64)
+            if a_bar is None:
+                raise ValueError("empty calibration set: PX needs at least one batch.")
+            a_bar = all_reduce_sum(a_bar)
+            acc = [all_reduce_sum(a) for a in acc]
+            lengths = all_reduce_sum(lengths)
+
+            with run.use("B"), torch.enable_grad():
+                b_inputs = _b_inputs(example, head.pooling, a_bar, lengths)
+                hidden_b = functional_call(base, params_b, (), b_inputs)[0]
+                out_b = run_head(head, pool(head, hidden_b, {}, None), "B")
+                r = (a_bar * out_b[0]).sum()
+                ids = list(leaves)
+                raw = torch.autograd.grad(r, [leaves[i] for i in ids], allow_unused=True)
+                grads = {i: torch.zeros_like(leaves[i]) if g is None else g for i, g in zip(ids, raw, strict=True)}
+    finally:
+        run.clear()
+        model.train(was_training)
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+
+    scores = _px_from_grads(on, leaves, grads)
+    by_param = {id(p): a for p, a in zip(off_params, acc, strict=True)}
+    for t in off:
+        theta = t.view(t.param.detach().double())
+        scores[t.key] = theta.abs() if qk_score == "magnitude" else theta * theta * t.view(by_param[id(t.param)])
+    return scores, float(r.detach())
+
+
+def _b_inputs(example: dict, pooling: str, a_bar: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """Inputs of the B pass: one sequence of the typical real length (the LM's full length)."""
+    if "input_ids" not in example:
+        return {k: torch.zeros_like(v[:1]) for k, v in example.items() if torch.is_tensor(v)}
+    if pooling == "none":
+        length = a_bar.shape[0]
+    elif lengths[1] > 0:
+        length = max(1, int(round(float(lengths[0] / lengths[1]))))
+    else:
+        length = example["input_ids"].shape[1]
+    return {"input_ids": torch.zeros((1, length), dtype=torch.long),
+            "attention_mask": torch.ones((1, length), dtype=torch.long)}
+
+
+@register_scorer
+class PXScorer(Scorer):
+    """PX: θ²·|∂R/∂θ²| of the data-weighted path norm (NTK-trace bound); Q/K by the NTK diagonal per block."""
+
+    method = "px"
+    description = "Path eXclusion: θ²·|∂R/∂θ²|, R = Σ Ā·B (data-weighted path norm); Q/K per block"
+    uses_off_path = True
+
+    def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        cfg = ctx.config
+        if not is_transformers_model(ctx.model):
+            heads = tuple(get_module(ctx.model, n) for n in cfg.extra.get("head_modules", ()))
+            scores, r = path_scores(ctx.model, ctx.targets, ctx.masks, ctx.batches, heads)
+        else:
+            scores, r = transformer_scores(
+                ctx.model, ctx.targets, ctx.masks, ctx.batches, qk_score=cfg.qk_score, a_gate=cfg.a_gate,
+                rescale=cfg.rescale, probes=cfg.hutchinson_probes, generator=ctx.generator,
+            )
+        self.last_r = r
+        return scores
