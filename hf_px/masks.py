@@ -93,12 +93,14 @@ def select_masks(
             flat[torch.topk(flat, floor).indices] = math.inf
         parts.append(flat)
     flat_scores = torch.cat(parts)
-    order = torch.argsort(flat_scores, descending=True)
-    n_alive_on = int((flat_scores > -math.inf).sum())
+    # only alive entries need ordering; dead ones (-inf) sort last and are never kept
+    alive_idx = torch.nonzero(flat_scores > -math.inf).squeeze(1)
+    order = alive_idx[torch.argsort(flat_scores[alive_idx], descending=True)]
+    n_alive_on = len(order)
 
     if off:
         # sorted positions of each (block, role) group: its survivors at cut m are searchsorted(positions, m)
-        rank = torch.empty_like(order)
+        rank = torch.full((len(flat_scores),), len(flat_scores), dtype=torch.long)  # dead: past every cut
         rank[order] = torch.arange(len(order))
         group_of: dict[tuple[int, str], int] = {}
         positions, offset = [], 0
@@ -114,7 +116,7 @@ def select_masks(
             kept = [int(torch.searchsorted(p, m)) for p in positions]
             counts = []
             for t, ids, n_alive in zip(off, follow_ids, off_alive, strict=True):
-                rho = sum(kept[i] for i in ids) / max(sum(sizes[i] for i in ids), 1) if ids else m / len(order)
+                rho = sum(kept[i] for i in ids) / max(sum(sizes[i] for i in ids), 1) if ids else m / max(n_alive_on, 1)
                 counts.append(min(int(round(rho * t.numel())), n_alive))
             return counts
 

@@ -117,15 +117,18 @@ class SurrogateRun:
         if self.mode == "record":
             self.push(module, "x", hidden.detach())
             return None
+        # the trunk input of the auxiliary passes is built here, in the block weights' dtype (the embeddings
+        # that would have produced it may run in another dtype: their output is discarded)
+        dtype = next(module.parameters()).dtype
         if self.mode == "replay":
-            new = self.pop(module, "x").to(hidden.dtype)
+            new = self.pop(module, "x").to(dtype)
         elif self.mode == "A":
-            x = self.pop(module, "x").to(hidden.dtype)
+            x = self.pop(module, "x").to(dtype)
             new = x * x
             if self.pad_mask is not None:
                 new = new * self.pad_mask.to(new.dtype).unsqueeze(-1)
         elif self.mode == "B":
-            new = torch.ones_like(hidden)
+            new = torch.ones_like(hidden, dtype=dtype)
         else:
             return None
         if args:

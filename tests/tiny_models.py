@@ -37,8 +37,9 @@ def tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
                                max_position_embeddings=64, num_labels=2, **overrides)
         model = DistilBertForSequenceClassification(cfg)
     elif family in ("gpt2", "gpt2-cls"):
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
-                         eos_token_id=0, pad_token_id=0, num_labels=2, **overrides)
+        kwargs = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
+                      eos_token_id=0, pad_token_id=0, num_labels=2)
+        cfg = GPT2Config(**{**kwargs, **overrides})
         model = GPT2LMHeadModel(cfg) if family == "gpt2" else GPT2ForSequenceClassification(cfg)
     elif family == "llama":
         cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

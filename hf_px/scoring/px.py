@@ -24,8 +24,13 @@ from .base import Scorer, ScoringContext, all_reduce_sum, model_inputs, register
 from .ntk_diag import accumulate_probe_grads, plain_input
 
 
-def _aux_params(root: nn.Module, targets: list[Target], masks: dict, plain: bool) -> tuple[dict, dict, dict]:
-    """Parameter dicts for the A and B passes, and the B-pass leaves {param id: leaf tensor (θ²)}."""
+def _aux_params(root: nn.Module, targets: list[Target], masks: dict, plain: bool,
+                keep_dtype: set[int] = frozenset(), cache: dict | None = None) -> tuple[dict, dict, dict]:
+    """Parameter dicts for the A and B passes, and the B-pass leaves {param id: leaf tensor (θ²)}.
+
+    Parameters in ``keep_dtype`` (modules whose output the surrogate replaces) are passed as they are;
+    ``cache`` keeps the float64 copies of parameters that do not change between rounds.
+    """
     target_ids = {id(t.param): t.param_name for t in targets}
     layer_params = {}
     for module in root.modules():
@@ -33,10 +38,19 @@ def _aux_params(root: nn.Module, targets: list[Target], masks: dict, plain: bool
             layer_params[id(module.weight)] = "weight"
             if module.bias is not None:
                 layer_params[id(module.bias)] = "bias"
+    cache = {} if cache is None else cache
     params_a, params_b, leaves = {}, {}, {}
     for name, p in root.named_parameters():
-        theta = p.detach().double()
         kind = layer_params.get(id(p))
+        if id(p) in keep_dtype and kind is None:
+            params_a[name] = params_b[name] = p.detach()
+            continue
+        if kind != "weight" or id(p) in target_ids:
+            theta = p.detach().double()
+        elif name not in cache:  # a dense, never-pruned weight: its θ² is the same every round
+            theta = cache[name] = p.detach().double()
+        else:
+            theta = cache[name]
         if kind == "weight":
             mname = target_ids.get(id(p))
             params_a[name] = masks[mname].double() if mname else torch.ones_like(theta)
@@ -129,7 +143,8 @@ def build_run(model: nn.Module, a_gate: str = "secant", rescale: float | None = 
 
 def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, batches: list, *,
                        qk_score: str = "ntk_diag", a_gate: str = "secant", rescale: float | None = None,
-                       probes: int = 1, generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], float]:
+                       probes: int = 1, generator: torch.Generator | None = None,
+                       cache: dict | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """PX with the gated-linear surrogate on a registered transformer; returns (scores, R)."""
     run, head = build_run(model, a_gate=a_gate, rescale=rescale)
     base = model.base_model
@@ -137,7 +152,10 @@ def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, bat
     off = [t for t in targets if not t.on_path]
     off_params = list({id(t.param): t.param for t in off}.values()) if qk_score == "ntk_diag" else []
     acc = [torch.zeros_like(p, dtype=torch.float64) for p in off_params]
-    params_a, params_b, leaves = _aux_params(base, on, masks, plain=False)
+    blocks_and_norms = list(run.blocks) + [m for m, _ in run.norms]
+    inside = {id(p) for m in blocks_and_norms for p in m.parameters()}
+    keep_dtype = {id(p) for p in base.parameters()} - inside  # embeddings: their output is replaced
+    params_a, params_b, leaves = _aux_params(base, on, masks, plain=False, keep_dtype=keep_dtype, cache=cache)
     pad_id = getattr(model.config, "pad_token_id", None)
 
     a_bar, lengths, example = None, torch.zeros(2, dtype=torch.float64), None
@@ -222,6 +240,13 @@ class PXScorer(Scorer):
     description = "Path eXclusion: θ²·|∂R/∂θ²|, R = Σ Ā·B (data-weighted path norm); Q/K per block"
     uses_off_path = True
 
+    def __init__(self) -> None:
+        self._cache: dict = {}
+        self.last_r: float | None = None
+
+    def prepare(self, ctx: ScoringContext) -> None:
+        self._cache = {}
+
     def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         cfg = ctx.config
         if not is_transformers_model(ctx.model):
@@ -230,7 +255,7 @@ class PXScorer(Scorer):
         else:
             scores, r = transformer_scores(
                 ctx.model, ctx.targets, ctx.masks, ctx.batches, qk_score=cfg.qk_score, a_gate=cfg.a_gate,
-                rescale=cfg.rescale, probes=cfg.hutchinson_probes, generator=ctx.generator,
+                rescale=cfg.rescale, probes=cfg.hutchinson_probes, generator=ctx.generator, cache=self._cache,
             )
         self.last_r = r
         return scores

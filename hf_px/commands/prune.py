@@ -1,0 +1,130 @@
+"""``hf-px prune``: load a checkpoint, draw calibration batches, prune, save atomically."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..config import PruneConfig
+from ..scoring import SCORERS
+
+EPILOG = """examples:
+  hf-px prune --model ./minilm --dataset builtin:rotten_tomatoes --sparsity 0.9 --output-dir out/
+  hf-px prune --model bert-base-uncased --dataset glue --dataset-config sst2 --text-column sentence \\
+      --sparsity 0.8 --rounds 50 --output-dir out/
+"""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="Hub id or local checkpoint folder (config.json + safetensors).")
+    g.add_argument("--task", default="auto", choices=["auto", "sequence-classification", "image-classification",
+                                                      "causal-lm", "features"],
+                   help="head to load with the Auto classes; 'auto' reads config.architectures (default: auto).")
+    g.add_argument("--num-labels", type=int, default=None,
+                   help="number of classes for a classification head (default: read from the dataset's labels).")
+    g.add_argument("--tokenizer", default=None, help="tokenizer/processor location if not next to the model.")
+    g.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load (dequantized to float32).")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint.")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle (*.bin) weights; refused by default because pickle can run code.")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data")
+    g.add_argument("--dataset", default="builtin:rotten_tomatoes",
+                   help="builtin:rotten_tomatoes | builtin:tweets | a csv/tsv/json/jsonl/parquet file or folder | "
+                        "a Hub dataset id (default: builtin:rotten_tomatoes).")
+    g.add_argument("--dataset-config", default=None, help="Hub dataset configuration name (e.g. sst2 for glue).")
+    g.add_argument("--split", default="train", help="split to draw calibration examples from (default: train).")
+    g.add_argument("--text-column", default=None, help="text column (default: detected: text, sentence, ...).")
+    g.add_argument("--label-column", default="label", help="label column (default: label).")
+    g.add_argument("--image-column", default=None, help="image column for vision models (default: detected).")
+    g.add_argument("--per-class", type=int, default=10,
+                   help="class-balanced examples per class, as in the PX paper (default: 10).")
+    g.add_argument("--num-batches", type=int, default=None,
+                   help="unlabelled data: number of batches to draw instead of --per-class.")
+    g.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default: 16).")
+    g.add_argument("--max-length", type=int, default=128, help="token truncation length (default: 128).")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    methods = "; ".join(f"{name}: {cls.description}" for name, cls in sorted(SCORERS.items()))
+    p = sub.add_parser(
+        "prune", help="prune a checkpoint to a target sparsity with PX (or a baseline)",
+        description="Prune the block matrices of a Hugging Face checkpoint to a target sparsity. Scores are "
+        "recomputed over --rounds rounds with density d^(r/R) and one global threshold; embeddings, norms, "
+        "biases, pooler and heads stay dense. The result is saved atomically to --output-dir.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
+    add_data_args(p)
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", default="px", choices=sorted(SCORERS), help=f"scoring method (default: px). {methods}")
+    g.add_argument("--sparsity", type=float, default=0.9, help="fraction of prunable weights to remove, in [0, 1).")
+    g.add_argument("--rounds", type=int, default=100, help="iterative rounds, density d^(r/R) (default: 100).")
+    g.add_argument("--qk-score", default="ntk_diag", choices=["ntk_diag", "magnitude"],
+                   help="PX: how Q/K (off-path) are ranked inside their block (default: ntk_diag).")
+    g.add_argument("--a-gate", default="secant", choices=["secant", "bound"],
+                   help="PX: data-side gate for smooth activations (default: secant).")
+    g.add_argument("--min-density-ratio", type=float, default=0.1,
+                   help="layer-collapse guard: each matrix keeps >= ratio x round density (0 disables; default 0.1).")
+    g.add_argument("--generic", action="store_true",
+                   help="prune an unregistered architecture: every Linear in its repeated blocks (NTK-diagonal scores).")
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling, probes and random scores (default: 0).")
+    o = p.add_argument_group("output")
+    o.add_argument("--output-dir", required=True, help="folder to write the pruned checkpoint to.")
+    o.add_argument("--format", default="dense", choices=["dense", "sparse"],
+                   help="dense: stock safetensors with zeros; sparse: packed values + bitmasks (default: dense).")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output-dir.")
+    o.add_argument("--no-progress", action="store_true", help="hide progress bars.")
+    p.set_defaults(func=run)
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse an unusable output folder before any work is done."""
+    out = Path(path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file; pass a folder path.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or choose a new folder.")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--output-dir {out} is not writable (no write permission on {parent}).")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = PruneConfig(method=args.method, sparsity=args.sparsity, rounds=args.rounds, qk_score=args.qk_score,
+                         a_gate=args.a_gate, min_density_ratio=args.min_density_ratio, generic=args.generic,
+                         seed=args.seed)
+    check_output_dir(args.output_dir, args.overwrite)
+    from ..data import calibration_batches, load_dataset_any, resolve_columns
+    from ..modeling import check_model_source, load_model, load_processor
+    from ..prune import prune
+
+    check_model_source(args.model, allow_pickle=args.allow_pickle)
+    dataset = load_dataset_any(args.dataset, config_name=args.dataset_config, split=args.split, seed=args.seed)
+    ds = dataset[args.split]
+    _, label_col, _ = resolve_columns(ds, args.text_column, args.label_column, args.image_column)
+    num_labels = args.num_labels
+    if num_labels is None and label_col is not None:
+        feature = ds.features[label_col]
+        num_labels = getattr(feature, "num_classes", None) or len(set(ds[label_col]))
+    model = load_model(args.model, args.task, num_labels, trust_remote_code=args.trust_remote_code,
+                       allow_pickle=args.allow_pickle, gguf_file=args.gguf_file)
+    task = "image-classification" if "ImageClassification" in type(model).__name__ else "text"
+    processor = load_processor(args.tokenizer or args.model, task, gguf_file=args.gguf_file)
+    batches = calibration_batches(ds, processor, per_class=args.per_class if args.num_batches is None else None,
+                                  num_batches=args.num_batches, batch_size=args.batch_size,
+                                  text_column=args.text_column, label_column=args.label_column,
+                                  image_column=args.image_column, max_length=args.max_length, seed=args.seed)
+    result = prune(model, batches, config, tokenizer=processor, progress=not args.no_progress)
+    result.report["calibration"].update(dataset=args.dataset, per_class=args.per_class)
+    result.report["base_model"] = args.model
+    print(result.report)
+    folder = result.save_pretrained(args.output_dir, format=args.format)
+    print(f"\nsaved the pruned checkpoint to {folder} (report in {Path(folder) / 'hf_px.json'})")
+    return 0
