@@ -100,15 +100,12 @@ def select_masks(
 
     if off:
         # sorted positions of each (block, role) group: its survivors at cut m are searchsorted(positions, m)
-        rank = torch.full((len(flat_scores),), len(flat_scores), dtype=torch.long)  # dead: past every cut
-        rank[order] = torch.arange(len(order))
-        group_of: dict[tuple[int, str], int] = {}
-        positions, offset = [], 0
-        for t in on:  # each target's entries are contiguous in flat_scores
-            group_of[(t.block, t.role)] = len(positions)
-            positions.append(torch.sort(rank[offset:offset + t.numel()]).values)
-            offset += t.numel()
-        sizes = [len(p) for p in positions]
+        group_of = {(t.block, t.role): i for i, t in enumerate(on)}
+        entry_group = torch.cat([torch.full((t.numel(),), i, dtype=torch.int16) for i, t in enumerate(on)])
+        group_in_order = entry_group[order]
+        # ascending positions in the global order of each target's alive entries (nonzero is already sorted)
+        positions = [torch.nonzero(group_in_order == i).squeeze(1) for i in range(len(on))]
+        sizes = [t.numel() for t in on]
         follow_ids = [[group_of[(t.block, r)] for r in t.follows if (t.block, r) in group_of] for t in off]
         off_alive = [int(alive[t.key].sum()) for t in off]
 
