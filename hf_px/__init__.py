@@ -39,6 +39,10 @@ def __getattr__(name: str):
         "FinetuneConfig": ("train", "FinetuneConfig"),
         "PCNConfig": ("pcn", "PCNConfig"),
         "load_model": ("modeling", "load_model"),
+        "save_pretrained": ("serialization", "save_pretrained"),
+        "push_to_hub": ("hub", "push_to_hub"),
+        "build_card": ("card", "build_card"),
+        "sparsify_for_cpu": ("sparse_inference", "sparsify_for_cpu"),
     }
     if name in lazy:
         import importlib

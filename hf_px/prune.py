@@ -47,10 +47,13 @@ class PruneResult:
         """Save to a temporary folder and push it as one commit; returns the commit URL."""
         import tempfile
 
+        from .card import build_card, pipeline_tag_for
         from .hub import push_to_hub
 
+        card = build_card(self.report.to_dict(), base_model=self.report.get("base_model"), format=format,
+                          pipeline_tag=pipeline_tag_for(self.model), repo_id=repo_id)
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(f"{tmp}/model", format=format)
+            folder = self.save_pretrained(f"{tmp}/model", format=format, card=card)
             return push_to_hub(str(folder), repo_id, private=private, **kwargs)
 
 

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+)
 
 import hf_px
 from hf_px.cli import main
@@ -125,3 +130,25 @@ def test_unknown_architecture_lists_supported_families():
         result = hf_px.prune(model, batch, hf_px.PruneConfig(sparsity=0.5, rounds=1, generic=True), progress=False)
     assert result.config.method == "ntk_diag"
     assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_prune_cli_pushes_to_the_hub(tiny_ckpt, csv_data, tmp_path, fake_hub):
+    out = tmp_path / "out"
+    rc = main(["prune", "--model", str(tiny_ckpt), "--dataset", str(csv_data), "--text-column", "review",
+               "--per-class", "4", "--sparsity", "0.5", "--rounds", "2", "--output-dir", str(out), "--no-progress",
+               "--push-to-hub", "--hub-model-id", "tester/tiny-px50"])
+    assert rc == 0
+    local = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    remote = AutoModelForSequenceClassification.from_pretrained("tester/tiny-px50").eval()
+    for (n, a), (_, b) in zip(local.state_dict().items(), remote.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load("tester/tiny-px50")
+    assert "hf-px" in card.data.tags
+
+
+def test_push_flag_without_repo_id_is_refused(tiny_ckpt, csv_data, tmp_path, capsys):
+    rc = main(["prune", "--model", str(tiny_ckpt), "--dataset", str(csv_data), "--output-dir", str(tmp_path / "o"),
+               "--push-to-hub"])
+    assert rc == 2 and "--hub-model-id" in capsys.readouterr().err

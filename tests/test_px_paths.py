@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from hf_px import PruneConfig
 from hf_px.masks import init_masks
-from hf_px.scoring.ntk_diag import NTKDiagScorer
 from hf_px.scoring.base import ScoringContext
+from hf_px.scoring.ntk_diag import NTKDiagScorer
 from hf_px.scoring.px import path_scores
 from hf_px.targets import collect_targets
-from hf_px import PruneConfig
 
 
 def mlp(seed: int = 0, sizes=(5, 7, 6, 3)) -> nn.Sequential:

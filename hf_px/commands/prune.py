@@ -79,7 +79,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dense: stock safetensors with zeros; sparse: packed values + bitmasks (default: dense).")
     o.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output-dir.")
     o.add_argument("--no-progress", action="store_true", help="hide progress bars.")
+    add_push_args(o)
     p.set_defaults(func=run)
+
+
+def add_push_args(group) -> None:
+    group.add_argument("--push-to-hub", action="store_true",
+                       help="after saving, upload the folder as one commit (token: HF_TOKEN; endpoint: HF_ENDPOINT).")
+    group.add_argument("--hub-model-id", default=None, help="repo id to push to, e.g. user/minilm-px90.")
+    group.add_argument("--hub-private", action="store_true", help="create the Hub repo as private.")
+
+
+def check_push_args(args: argparse.Namespace) -> None:
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push-to-hub needs --hub-model-id (e.g. --hub-model-id user/minilm-px90).")
+
+
+def push_if_asked(args: argparse.Namespace, folder) -> None:
+    if args.push_to_hub:
+        from ..hub import push_to_hub
+
+        url = push_to_hub(str(folder), args.hub_model_id, private=args.hub_private)
+        print(f"pushed to {url}")
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:
@@ -101,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
                          a_gate=args.a_gate, min_density_ratio=args.min_density_ratio, generic=args.generic,
                          seed=args.seed)
     check_output_dir(args.output_dir, args.overwrite)
+    check_push_args(args)
     from ..data import calibration_batches, load_dataset_any, resolve_columns
     from ..modeling import check_model_source, load_model, load_processor
     from ..prune import prune
@@ -127,4 +149,5 @@ def run(args: argparse.Namespace) -> int:
     print(result.report)
     folder = result.save_pretrained(args.output_dir, format=args.format)
     print(f"\nsaved the pruned checkpoint to {folder} (report in {Path(folder) / 'hf_px.json'})")
+    push_if_asked(args, folder)
     return 0
