@@ -43,6 +43,10 @@ def __getattr__(name: str):
         "push_to_hub": ("hub", "push_to_hub"),
         "build_card": ("card", "build_card"),
         "sparsify_for_cpu": ("sparse_inference", "sparsify_for_cpu"),
+        "FinetuneOutput": ("train", "FinetuneOutput"),
+        "load_metric": ("metrics", "load_metric"),
+        "apply_lora": ("lora", "apply_lora"),
+        "merge_lora": ("lora", "merge_lora"),
     }
     if name in lazy:
         import importlib

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output-dir", default="demo-out", help="where the pruned model goes (default: demo-out).")
     p.add_argument("--sparsity", type=float, default=0.8, help="target sparsity (default: 0.8).")
-    p.add_argument("--rounds", type=int, default=20, help="PX rounds (default: 20; the paper uses 100).")
+    p.add_argument("--rounds", type=int, default=10, help="PX rounds (default: 10; the paper uses 100).")
     p.add_argument("--per-class", type=int, default=10, help="calibration examples per class (default: 10).")
     p.add_argument("--train-examples", type=int, default=2000, help="fine-tuning examples (default: 2000).")
     p.add_argument("--eval-examples", type=int, default=1000, help="held-out examples to evaluate (default: 1000).")

@@ -1,0 +1,428 @@
+"""Fine-tuning a pruned model with Accelerate while its masks stay fixed.
+
+One training loop runs unchanged on one CPU, several CPU processes (gloo), one GPU, several GPUs (DDP) or FSDP2:
+every device decision is Accelerate's. After each optimizer step the masks are re-applied on every process and
+the gradients of pruned weights are zeroed before the step, so pruned weights stay exactly zero (AdamW's
+decoupled weight decay and its moment estimates included) and the final sparsity equals the pruned one.
+
+Example:
+    >>> import datasets, torch
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from hf_px.train import FinetuneConfig, finetune
+    >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+    ...     num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    >>> ds = datasets.Dataset.from_dict({"input_ids": [[1, 5, 7, 2]] * 16, "attention_mask": [[1] * 4] * 16,
+    ...                                  "label": [0, 1] * 8})
+    >>> out = finetune(model, ds, ds, FinetuneConfig(max_steps=2, batch_size=8, progress_bar=False))
+    >>> sorted(out.metrics)
+    ['eval_accuracy', 'eval_loss']
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import train_utils as U
+
+_PRECISIONS = (None, "no", "fp16", "bf16")
+_LOGGERS = ("jsonl", "tensorboard")
+
+
+@dataclass
+class FinetuneConfig:
+    """How to fine-tune.
+
+    Args:
+        epochs: passes over the training data.
+        max_steps: total optimizer steps; when set it overrides ``epochs`` (the data are cycled as needed).
+        learning_rate, weight_decay: AdamW settings (no decay on biases and norm weights).
+        batch_size: examples per process per micro-batch; ``eval_batch_size`` defaults to it.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        warmup_ratio: fraction of the steps with linear warm-up; then linear decay to 0.
+        max_grad_norm: gradient clipping (None: off).
+        seed: seeds weights of new heads, dropout and the data order (reproducible across resumes).
+        mixed_precision: None picks bf16/fp16 on a GPU that supports it, else "no" (a launch config's
+            ``mixed_precision`` is respected); "fp16" needs a GPU.
+        eval_every, save_every, log_every: in optimizer steps (None: evaluate at the end only / no checkpoints).
+        save_total_limit: keep only the latest N checkpoints.
+        output_dir: where checkpoints (``checkpoints/step_N``), logs (``logs/metrics.jsonl``), the final model
+            (``model/``) and ``results.json`` go.
+        resume: continue from the latest complete checkpoint in ``output_dir/checkpoints``.
+        peft: None (train all weights) or "lora" (adapters on the prunable matrices, masked delta).
+        lora_r, lora_alpha, lora_dropout: LoRA settings; ``merge_lora`` returns the merged plain model.
+        metrics: metric names or script paths for ``hf_px.metrics.load_metric``; None: accuracy for
+            classification, perplexity for causal LMs.
+        max_length, text_column, label_column: how raw datasets are tokenized.
+        log_with: "jsonl" (always written when ``output_dir`` is set) and/or "tensorboard" (if installed).
+        progress_bar: tqdm bar on the main process.
+
+    Example:
+        >>> FinetuneConfig(epochs=3, peft="lora").lora_r
+        8
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    eval_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    mixed_precision: str | None = None
+    eval_every: int | None = None
+    save_every: int | None = None
+    log_every: int = 10
+    save_total_limit: int | None = None
+    output_dir: str | None = None
+    resume: bool = False
+    peft: str | None = None
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    merge_lora: bool = True
+    metrics: tuple[str, ...] | None = None
+    max_length: int = 128
+    text_column: str | None = None
+    label_column: str = "label"
+    log_with: tuple[str, ...] = ("jsonl",)
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1{' or None' if allow_none else ''}, got {v!r}.")
+
+        positive_int("epochs")
+        positive_int("batch_size")
+        positive_int("gradient_accumulation_steps")
+        positive_int("log_every")
+        positive_int("lora_r")
+        positive_int("max_length")
+        for name in ("max_steps", "eval_every", "save_every", "save_total_limit", "eval_batch_size"):
+            positive_int(name, allow_none=True)
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}.")
+        if self.mixed_precision not in _PRECISIONS:
+            raise ValueError(f"mixed_precision must be None, 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+        if self.peft not in (None, "lora"):
+            raise ValueError(f"peft must be None or 'lora', got {self.peft!r}.")
+        if isinstance(self.metrics, str):
+            self.metrics = (self.metrics,)
+        if self.metrics is not None:
+            self.metrics = tuple(self.metrics)
+        if isinstance(self.log_with, str):
+            self.log_with = (self.log_with,)
+        self.log_with = tuple(self.log_with)
+        bad = [x for x in self.log_with if x not in _LOGGERS]
+        if bad:
+            raise ValueError(f"unknown log_with entries {bad}; choose from {', '.join(_LOGGERS)}.")
+        if self.save_every and not self.output_dir:
+            raise ValueError("save_every needs output_dir (checkpoints go to output_dir/checkpoints/step_N).")
+        if self.resume and not self.output_dir:
+            raise ValueError("resume=True needs output_dir, the folder of the interrupted run.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneOutput:
+    """What :func:`finetune` returns.
+
+    ``model`` is the fine-tuned model (unwrapped; merged if LoRA with ``merge_lora``), ``metrics`` the final
+    evaluation (empty without an evaluation set), ``history`` the logged records (training loss, learning rate,
+    evaluations), ``sparsity`` the kept/total counts of the masked weights before and after training.
+    """
+
+    model: nn.Module
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    global_step: int
+    sparsity: dict[str, Any]
+    world_size: int = 1
+    resumed_from: str | None = None
+    output_dir: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _mixed_precision(requested: str | None) -> str | None:
+    cuda = torch.cuda.is_available()
+    if requested is None:
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            return None  # set by `accelerate launch` / its config file
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if requested == "fp16" and not cuda:
+        raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU.")
+    return requested
+
+
+def _has_device() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+
+
+def _make_accelerator(config: FinetuneConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
+
+    log_with = []
+    if "tensorboard" in config.log_with and config.output_dir:
+        if is_tensorboard_available():
+            log_with.append("tensorboard")
+        else:
+            warnings.warn("log_with includes 'tensorboard' but tensorboard is not installed "
+                          "(pip install tensorboard); logging to JSON lines only.", stacklevel=3)
+    return Accelerator(
+        cpu=not _has_device(),  # CPU processes need this to form a gloo group (offline.md §5)
+        mixed_precision=_mixed_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        log_with=log_with or None,
+        project_dir=config.output_dir,
+    )
+
+
+def _unpack(model_or_result: Any, tokenizer: Any) -> tuple[nn.Module, Any, Any]:
+    if isinstance(model_or_result, nn.Module):
+        return model_or_result, None, tokenizer
+    if hasattr(model_or_result, "model") and isinstance(model_or_result.model, nn.Module):
+        return (model_or_result.model, getattr(model_or_result, "masks", None),
+                tokenizer if tokenizer is not None else getattr(model_or_result, "tokenizer", None))
+    raise TypeError(f"finetune expects a model (nn.Module) or a PruneResult, got {type(model_or_result).__name__}.")
+
+
+def finetune(
+    model_or_result: Any,
+    train_dataset: Any,
+    eval_dataset: Any = None,
+    config: FinetuneConfig | None = None,
+    tokenizer: Any = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    accelerator: Any = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> FinetuneOutput:
+    """Fine-tune a pruned model with its masks held fixed.
+
+    Args:
+        model_or_result: a ``PruneResult`` (``.model``, ``.masks``, ``.tokenizer``) or a model.
+        train_dataset, eval_dataset: ``datasets.Dataset`` with raw text and label columns (tokenized with
+            ``tokenizer``) or already tokenized (``input_ids``, ``attention_mask``, ``labels``/``label``).
+        config: a :class:`FinetuneConfig` (default settings when None).
+        tokenizer: needed for raw datasets; its pad id is used for padding.
+        masks: parameter name -> bool mask; default: the result's masks, else the model's zeros.
+        accelerator: an ``accelerate.Accelerator`` to use; default: one built from ``config``.
+        on_step: called after every optimizer step as ``on_step(step, record)`` on every process (custom
+            logging, early stop by raising).
+
+    Returns:
+        A :class:`FinetuneOutput`.
+
+    Example:
+        >>> out = finetune(result, ds["train"], ds["test"], FinetuneConfig(epochs=1))  # doctest: +SKIP
+        >>> out.metrics["eval_accuracy"]                                                # doctest: +SKIP
+    """
+    config = config if config is not None else FinetuneConfig()
+    if not isinstance(config, FinetuneConfig):
+        raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}.")
+    from accelerate.utils import set_seed
+
+    model, result_masks, tokenizer = _unpack(model_or_result, tokenizer)
+    masks = U.resolve_masks(model, result_masks, masks)
+    task = U.task_of(model)
+    metric_names = config.metrics or (("perplexity",) if task == "causal_lm" else ("accuracy",))
+    own_accelerator = accelerator is None
+    if own_accelerator:
+        accelerator = _make_accelerator(config)
+    else:
+        accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
+    set_seed(config.seed)
+    kept_before = sum(int(m.sum()) for m in masks.values())
+    total_masked = sum(m.numel() for m in masks.values())
+
+    # masks keyed by the names of the model that is trained (peft renames wrapped weights)
+    id_to_mask = {id(p): masks[n] for n, p in model.named_parameters() if n in masks}
+    if config.peft == "lora":
+        from .lora import apply_lora
+
+        model = apply_lora(model, masks, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    train_masks = {n: id_to_mask[id(p)] for n, p in model.named_parameters() if id(p) in id_to_mask}
+
+    with accelerator.main_process_first():
+        train_ds = U.prepare_dataset(train_dataset, tokenizer, config, task, "train")
+        eval_ds = U.prepare_dataset(eval_dataset, tokenizer, config, task, "eval") if eval_dataset is not None \
+            else None
+    collate = U.make_collate(tokenizer, model, task)
+    # a private generator: creating a data iterator must not draw from the global RNG that dropout uses,
+    # or a resumed run (which creates its iterator mid-epoch) would see different dropout masks
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
+                                           generator=torch.Generator().manual_seed(config.seed))
+    eval_dl = None
+    if eval_ds is not None:
+        eval_dl = torch.utils.data.DataLoader(eval_ds, batch_size=config.eval_batch_size or config.batch_size,
+                                              shuffle=False, collate_fn=collate)
+    optimizer = torch.optim.AdamW(U.param_groups(model, config.weight_decay), lr=config.learning_rate)
+    if eval_dl is not None:
+        model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    else:
+        model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    if len(train_dl) == 0:
+        raise ValueError("the training set is empty after sharding over processes; give it more examples.")
+
+    steps_per_epoch = math.ceil(len(train_dl) / config.gradient_accumulation_steps)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # not prepared: Accelerate's scheduler wrapper would step once per process
+    scheduler = U.linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    pairs = U.bind_masks(model, train_masks)
+    U.reapply_masks(pairs)
+
+    out_dir = config.output_dir
+    ckpt_root = os.path.join(out_dir, "checkpoints") if out_dir else None
+    logger = U.JsonlLogger(os.path.join(out_dir, "logs", "metrics.jsonl")
+                           if out_dir and accelerator.is_main_process and "jsonl" in config.log_with else None)
+    if own_accelerator and accelerator.log_with:
+        accelerator.init_trackers("hf_px_finetune", config={k: str(v) for k, v in config.to_dict().items()})
+    metrics = U.load_metrics(metric_names, accelerator) if eval_dl is not None else {}
+    num_labels = int(getattr(getattr(accelerator.unwrap_model(model), "config", None), "num_labels", 0) or 0)
+
+    global_step, start_epoch, skip, history, resumed_from = 0, 0, 0, [], None
+    if config.resume:
+        resumed_from = U.latest_checkpoint(ckpt_root)
+        if resumed_from is None:
+            warnings.warn(f"resume=True but {ckpt_root} holds no complete checkpoint; starting from step 0.",
+                          stacklevel=2)
+        else:
+            state, saved_masks = U.load_checkpoint_meta(resumed_from)
+            if set(saved_masks) != set(masks) or any(not torch.equal(saved_masks[n], masks[n]) for n in masks):
+                raise ValueError(f"the masks of {resumed_from} differ from this model's masks: resume with the same "
+                                 "pruned model, or start a fresh run (resume=False or another output_dir).")
+            accelerator.load_state(resumed_from)
+            U.reapply_masks(pairs)
+            global_step, start_epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
+            if state.get("total_steps", total_steps) != total_steps:
+                warnings.warn(f"{resumed_from} was written by a run of {state['total_steps']} steps, this one has "
+                              f"{total_steps}: the learning-rate schedule changes from here on.", stacklevel=2)
+            history = state.get("history", [])
+            if skip >= len(train_dl):
+                start_epoch, skip = start_epoch + 1, 0
+            logger.log({"event": "resume", "checkpoint": resumed_from, "step": global_step})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=global_step, desc="fine-tune",
+               disable=not (config.progress_bar and accelerator.is_local_main_process))
+    t0, samples, loss_sum, loss_n = time.perf_counter(), 0, torch.zeros((), device=accelerator.device), 0
+
+    def log_record(record: dict[str, Any]) -> None:
+        history.append(record)
+        logger.log(record)
+        if accelerator.log_with:
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    last_eval = [-1]
+
+    def run_eval() -> dict[str, float]:
+        res = U.evaluate_model(accelerator, model, eval_dl, task, metrics, num_labels)
+        log_record({"step": global_step, "event": "eval", **res})
+        last_eval[0] = global_step
+        return res
+
+    model.train()
+    final_metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, num_epochs):
+        if global_step >= total_steps:
+            break
+        train_dl.set_epoch(epoch)  # seeds this epoch's shuffle, shared by every process and by a resume
+        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        batch_in_epoch = skip
+        skip = 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    U.zero_masked_grads(pairs)
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_in_epoch += 1
+            loss_sum += loss.detach().float()
+            loss_n += 1
+            samples += batch["labels"].shape[0] if "labels" in batch else config.batch_size
+            if not accelerator.sync_gradients:
+                continue
+            U.reapply_masks(pairs)  # every process, after every step: pruned weights are exactly zero
+            scheduler.step()
+            global_step += 1
+            bar.update(1)
+            record = {"step": global_step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+            if global_step % config.log_every == 0 or global_step == total_steps:
+                mean_loss = accelerator.reduce(loss_sum / max(loss_n, 1), reduction="mean")
+                record["loss"] = float(mean_loss)
+                log_record(dict(record))
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                loss_sum.zero_()
+                loss_n = 0
+            if eval_dl is not None and config.eval_every and global_step % config.eval_every == 0:
+                final_metrics = run_eval()
+            if ckpt_root and config.save_every and global_step % config.save_every == 0:
+                state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batch_in_epoch,
+                         "history": history, "total_steps": total_steps}
+                U.save_checkpoint(accelerator, ckpt_root, global_step, state, masks, config.save_total_limit)
+            if on_step is not None:
+                on_step(global_step, record)
+            if global_step >= total_steps:
+                break
+    bar.close()
+    train_time = time.perf_counter() - t0
+    if eval_dl is not None and last_eval[0] != global_step:
+        final_metrics = run_eval()
+
+    model = accelerator.unwrap_model(model)
+    if config.peft == "lora" and config.merge_lora:
+        from .lora import merge_lora
+
+        model = merge_lora(model)
+    # unmerged adapters keep peft's parameter names: the plain-model check does not apply
+    final_model_masks = {} if config.peft and not config.merge_lora else masks
+    sparsity = U.check_sparsity(model, final_model_masks, kept_before, total_masked)
+    output = FinetuneOutput(
+        model=model, metrics=final_metrics, history=history, global_step=global_step, sparsity=sparsity,
+        world_size=accelerator.num_processes, resumed_from=resumed_from, output_dir=out_dir,
+        extras={"train_time_s": train_time, "train_samples_per_s_per_process": samples / max(train_time, 1e-9),
+                "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "task": task,
+                "distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision},
+    )
+    if out_dir:
+        U.save_outputs(accelerator, output, config, masks if final_model_masks else None, tokenizer)
+    if own_accelerator and accelerator.log_with:
+        accelerator.end_training()
+    return output
