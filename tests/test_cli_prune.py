@@ -152,3 +152,18 @@ def test_push_flag_without_repo_id_is_refused(tiny_ckpt, csv_data, tmp_path, cap
     rc = main(["prune", "--model", str(tiny_ckpt), "--dataset", str(csv_data), "--output-dir", str(tmp_path / "o"),
                "--push-to-hub"])
     assert rc == 2 and "--hub-model-id" in capsys.readouterr().err
+
+
+def test_prune_cli_with_pcn_shrinks_the_ffn_then_prunes(tiny_ckpt, csv_data, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["prune", "--model", str(tiny_ckpt), "--dataset", str(csv_data), "--text-column", "review",
+               "--per-class", "4", "--sparsity", "0.5", "--rounds", "2", "--pcn-width", "0.5",
+               "--output-dir", str(out), "--no-progress"])
+    assert rc == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.intermediate_size == 32
+    assert model.bert.encoder.layer[0].intermediate.dense.weight.shape == (32, 32)
+    # sparsity is counted over the prunable set of the final (narrower) model
+    assert hf_px.sparsity_report(model)["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    meta = json.loads((out / "hf_px.json").read_text())
+    assert meta["metadata"]["report"]["pcn"]["layers"]

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "pruned_sparsity": result.report["achieved_sparsity"],
         "sparsity_after_finetune": after,
-        **{f"eval_{k}": v for k, v in result.report["metrics"].items()},
+        **result.report["metrics"],
         "prune_time_s": round(result.report["time_s"], 1),
         "total_time_s": round(time.perf_counter() - t0, 1),
         "output_dir": str(folder),

@@ -73,6 +73,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--generic", action="store_true",
                    help="prune an unregistered architecture: every Linear in its repeated blocks (NTK-diagonal scores).")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling, probes and random scores (default: 0).")
+    c = p.add_argument_group("PCN width reduction (applied before pruning; off unless one of these is given)")
+    c.add_argument("--pcn-variance", type=float, default=None,
+                   help="keep the principal components reaching this explained variance, in (0, 1] (e.g. 0.99).")
+    c.add_argument("--pcn-width", type=float, default=None,
+                   help="keep this width instead: an integer, or a fraction of the layer width in (0, 1).")
+    c.add_argument("--pcn-mode", default="structured", choices=["structured", "projection"],
+                   help="structured: FFN neurons selected, stock from_pretrained reloads it; projection: frozen "
+                        "per-block Q/K/V basis (BERT family, registered pcn_bert class) (default: structured).")
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", required=True, help="folder to write the pruned checkpoint to.")
     o.add_argument("--format", default="dense", choices=["dense", "sparse"],
@@ -117,8 +125,20 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         raise PermissionError(f"--output-dir {out} is not writable (no write permission on {parent}).")
 
 
+def pcn_config(args: argparse.Namespace):
+    """The PCNConfig the flags ask for, or None."""
+    if args.pcn_variance is None and args.pcn_width is None:
+        return None
+    from ..pcn import PCNConfig
+
+    width = args.pcn_width
+    if width is not None and width >= 1:
+        width = int(width)
+    return PCNConfig(variance=args.pcn_variance if width is None else None, width=width, mode=args.pcn_mode)
+
+
 def run(args: argparse.Namespace) -> int:
-    config = PruneConfig(method=args.method, sparsity=args.sparsity, rounds=args.rounds, qk_score=args.qk_score,
+    config = PruneConfig(pcn=pcn_config(args), method=args.method, sparsity=args.sparsity, rounds=args.rounds, qk_score=args.qk_score,
                          a_gate=args.a_gate, min_density_ratio=args.min_density_ratio, generic=args.generic,
                          seed=args.seed)
     check_output_dir(args.output_dir, args.overwrite)
