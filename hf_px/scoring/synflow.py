@@ -1,0 +1,82 @@
+"""SynFlow (Tanaka et al. 2020): data-free, S = |θ ⊙ ∂R/∂θ| with R = Σ f(1; |θ|).
+
+Every parameter and floating buffer is replaced by its absolute value through ``torch.func.functional_call``
+(the model itself is never mutated, so no sign restore is needed), the input is all ones and R sums the
+outputs, in float64 so the product of |θ| along deep paths does not overflow. Input per model kind:
+
+* plain networks: ``torch.ones`` shaped like one example of the calibration batches (or
+  ``config.extra["synflow_input_shape"]``, e.g. ``(3, 32, 32)``, when no batches are given);
+* Hugging Face text models: ``inputs_embeds`` of ones, (1, L, hidden) with L = ``config.extra["synflow_length"]``
+  (default: the calibration length, else 16): the word-embedding lookup is skipped, |position embeddings| and
+  every block still apply, so R is the |θ|-path flow through the trunk and head;
+* vision models: ``pixel_values`` of ones.
+
+On transformers the flow is the real network's (LayerNorm, softmax and GELU included), as the official code
+does on any model; it is a path product only where the network is piecewise linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from ..targets import is_transformers_model
+from .base import Scorer, ScoringContext, register_scorer
+from .ntk_diag import plain_input
+
+
+def _ones_input(ctx: ScoringContext) -> tuple[dict, bool]:
+    """Keyword arguments of the all-ones forward, and whether they are for a plain network."""
+    model, extra = ctx.model, ctx.config.extra
+    if not is_transformers_model(model):
+        shape = extra.get("synflow_input_shape")
+        if shape is None:
+            if not ctx.batches:
+                raise ValueError("synflow on a plain network needs its input shape: pass calibration batches or "
+                                 "PruneConfig(extra={'synflow_input_shape': (3, 32, 32)}).")
+            shape = tuple(plain_input(ctx.batches[0]).shape[1:])
+        return {"x": torch.ones(1, *shape, dtype=torch.float64)}, True
+    cfg = model.config
+    if getattr(cfg, "model_type", None) == "vit" or "pixel_values" in (ctx.batches[0] if ctx.batches else {}):
+        size = getattr(cfg, "image_size", 224)
+        return {"pixel_values": torch.ones(1, getattr(cfg, "num_channels", 3), size, size, dtype=torch.float64)}, False
+    length = extra.get("synflow_length")
+    if length is None:
+        length = int(ctx.batches[0]["input_ids"].shape[1]) if ctx.batches and "input_ids" in ctx.batches[0] else 16
+    hidden = model.get_input_embeddings().weight.shape[1]
+    return {"inputs_embeds": torch.ones(1, length, hidden, dtype=torch.float64),
+            "attention_mask": torch.ones(1, length, dtype=torch.long)}, False
+
+
+@register_scorer
+class SynFlowScorer(Scorer):
+    """SynFlow: |θ ⊙ ∂R/∂θ|, R = summed output of the |θ| network on an all-ones input (data-free)."""
+
+    method = "synflow"
+    description = "|θ⊙∂R/∂θ| of the |θ| network on all-ones input; data-free (SynFlow, Tanaka et al. 2020)"
+    needs_data = False
+
+    def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        model = ctx.model
+        target_ids = {id(t.param) for t in ctx.targets}
+        leaves, state = {}, {}
+        for name, p in model.named_parameters():
+            v = p.detach().abs().double()
+            if id(p) in target_ids:
+                v.requires_grad_(True)
+                leaves[id(p)] = v
+            state[name] = v
+        for name, b in model.named_buffers():
+            state[name] = b.abs().double() if b.is_floating_point() else b
+        kwargs, plain = _ones_input(ctx)
+        with torch.enable_grad():
+            if plain:
+                out = functional_call(model, state, (kwargs["x"],))
+            else:
+                out = functional_call(model, state, (), kwargs)
+                out = out.logits if getattr(out, "logits", None) is not None else out[0]
+            grads = torch.autograd.grad(out.sum(), list(leaves.values()), allow_unused=True)
+        by_param = {}
+        for (pid, v), g in zip(leaves.items(), grads, strict=True):
+            by_param[pid] = (v.detach() * g).abs() if g is not None else torch.zeros_like(v.detach())
+        return {t.key: t.view(by_param[id(t.param)]) for t in ctx.targets}

@@ -1,0 +1,244 @@
+"""Quality benchmark: the packaged MiniLM pruned by each method, then fine-tuned with the same budget.
+
+For every (dataset, seed): one dense fine-tune, and for every (method, sparsity) a fresh model pruned on the same
+calibration set (``--per-class`` examples per class of the training subset), evaluated right after pruning and
+after fine-tuning. Records are merged into ``--out`` (one per dataset/method/sparsity/seed; a rerun replaces its
+own records; the key includes lr and steps), so a grid can be filled by several short runs. Prints a mean ± std table; writes a PNG plot when
+matplotlib is importable (it is not a dependency; the plot is skipped otherwise).
+
+"Accuracy after prune" is a linear probe: a logistic-regression head fit on the pruned model's frozen mean-pooled
+features of ``--probe-examples`` training sentences (the task head is freshly initialised, so its own accuracy
+before fine-tuning is chance; it is kept as ``head_accuracy_after_prune``).
+
+Run (a small grid; the issue's full grid is 3 datasets x 6 methods x 4 sparsities x 3 seeds):
+    .venv/bin/python scripts/bench_quality.py --datasets rt --methods px,magnitude,snip --sparsities 0.8 \\
+        --seeds 0 --train-size 2000 --steps 150
+    .venv/bin/python scripts/bench_quality.py --summary-only     # table + plot from results/quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import hf_px
+from hf_px.commands.demo import minilm_path
+from hf_px.data import calibration_batches, load_dataset_any
+from hf_px.modeling import load_model, load_processor
+from hf_px.report import format_table
+
+DATASETS = {"sst2": "/work/shared/data/sst2", "rt": "builtin:rotten_tomatoes", "tweets": "builtin:tweets"}
+EVAL_SPLITS = ("dev", "validation", "test")
+
+
+def load_splits(name: str, train_size: int, eval_size: int | None):
+    """(train subset, eval split): a fixed seed-0 subset of the training split, the dev/test split (capped)."""
+    dd = load_dataset_any(DATASETS.get(name, name))
+    eval_split = next((s for s in EVAL_SPLITS if s in dd), None)
+    if "train" not in dd or eval_split is None:
+        raise ValueError(f"{name}: need a 'train' split and one of {EVAL_SPLITS}; found {sorted(dd)}.")
+    train = dd["train"].shuffle(seed=0).select(range(min(train_size, len(dd["train"]))))
+    ev = dd[eval_split]
+    if eval_size is not None and len(ev) > eval_size:
+        ev = ev.shuffle(seed=0).select(range(eval_size))
+    return train, ev
+
+
+def _text_column(ds) -> str:
+    return next(c for c in ("sentence", "text") if c in ds.column_names)
+
+
+@torch.no_grad()
+def features_and_logits(model, tok, ds, max_length: int, batch_size: int = 64):
+    """Mean-pooled last hidden states over real tokens, and the task head's logits, for every row of ``ds``."""
+    col, feats, logits = _text_column(ds), [], []
+    model.eval()
+    for start in range(0, len(ds), batch_size):
+        rows = ds[start:start + batch_size]
+        enc = tok(rows[col], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out = model(**enc, output_hidden_states=True)
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        feats.append((out.hidden_states[-1] * m).sum(1) / m.sum(1))
+        logits.append(out.logits)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def probe_accuracy(train_x, train_y, eval_x, eval_y, l2: float = 1e-3) -> float:
+    """Logistic regression (L-BFGS, standardised features) fit on train, accuracy on eval."""
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    xt, xe = (train_x - mu) / sd, (eval_x - mu) / sd
+    n_cls = int(max(train_y.max(), eval_y.max())) + 1
+    w = torch.zeros(xt.shape[1], n_cls, requires_grad=True)
+    b = torch.zeros(n_cls, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ w + b, train_y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(((xe @ w + b).argmax(1) == eval_y).float().mean())
+
+
+def run_one(args, dataset: str, method: str, sparsity: float, seed: int, tok, train, ev) -> dict:
+    torch.manual_seed(seed)  # the new classifier head: identical for every method of this seed
+    n_labels = len(set(train["label"]))
+    model = load_model(minilm_path(), "sequence-classification", num_labels=n_labels)
+    record = {"dataset": dataset, "method": method, "sparsity": sparsity, "seed": seed,
+              "train_size": len(train), "eval_size": len(ev), "steps": args.steps, "rounds": args.rounds,
+              "lr": args.lr, "batch_size": args.batch_size, "per_class": args.per_class}
+    masks = None
+    if method != "dense":
+        batches = calibration_batches(train, tok, per_class=args.per_class, batch_size=16,
+                                      max_length=args.max_length, seed=seed)
+        result = hf_px.prune(model, batches, hf_px.PruneConfig(method=method, sparsity=sparsity, rounds=args.rounds,
+                                                               seed=seed), progress=False)
+        masks = result.masks
+        record.update(achieved_sparsity=result.report["achieved_sparsity"], prune_time_s=result.report["time_s"])
+    probe = train.shuffle(seed=1).select(range(min(args.probe_examples, len(train))))
+    px, _ = features_and_logits(model, tok, probe, args.max_length)
+    ex, logits = features_and_logits(model, tok, ev, args.max_length)
+    ey = torch.tensor(list(ev["label"]))
+    record["accuracy_after_prune"] = probe_accuracy(px, torch.tensor(list(probe["label"])), ex, ey)
+    record["head_accuracy_after_prune"] = float((logits.argmax(1) == ey).float().mean())
+
+    from hf_px.train import FinetuneConfig, finetune
+
+    start = time.perf_counter()
+    cfg = FinetuneConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=seed,
+                         max_length=args.max_length, eval_batch_size=64, progress_bar=False, log_every=50)
+    out = finetune(model, train, None, cfg, tokenizer=tok, masks=masks)
+    record["finetune_time_s"] = time.perf_counter() - start
+    _, logits = features_and_logits(out.model, tok, ev, args.max_length)
+    record["accuracy_after_finetune"] = float((logits.argmax(1) == ey).float().mean())
+    return record
+
+
+def load_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(records, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _key(r: dict) -> tuple:
+    return (r["dataset"], r["method"], float(r["sparsity"]), int(r["seed"]), r.get("lr"), r.get("steps"))
+
+
+def summary_rows(records: list[dict]) -> list[list]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r.get("lr"), r.get("steps"), r["method"], float(r["sparsity"])), []).append(r)
+
+    def ms(vals: list[float]) -> str:
+        vals = [100 * v for v in vals]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{statistics.mean(vals):.1f} ± {sd:.1f}"
+
+    rows = []
+    for (ds, lr, steps, method, sp), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        rows.append([ds, f"{lr:g}" if lr is not None else "-", steps, method, f"{sp:.2f}", len(rs), ms([r["accuracy_after_prune"] for r in rs]),
+                     ms([r["accuracy_after_finetune"] for r in rs])])
+    return rows
+
+
+def plot(records: list[dict], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: plot skipped (pip install matplotlib to get it)."
+    label = lambda r: f"{r['dataset']} lr={r.get('lr')} steps={r.get('steps')}"  # noqa: E731
+    datasets = sorted({label(r) for r in records})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets, strict=True):
+        for method in sorted({r["method"] for r in records if label(r) == ds}):
+            pts: dict[float, list[float]] = {}
+            for r in records:
+                if label(r) == ds and r["method"] == method:
+                    pts.setdefault(float(r["sparsity"]), []).append(100 * r["accuracy_after_finetune"])
+            xs = sorted(pts)
+            if method == "dense":
+                ax.axhline(statistics.mean(pts[xs[0]]), color="k", ls="--", label="dense")
+                continue
+            ax.errorbar(xs, [statistics.mean(pts[x]) for x in xs],
+                        [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs], marker="o", label=method)
+        ax.set(title=ds, xlabel="sparsity", ylabel="accuracy after fine-tune (%)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return f"plot: {path}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="rt", help=f"comma list of {', '.join(DATASETS)} or any load_dataset_any name")
+    p.add_argument("--methods", default="px,magnitude,snip", help="comma list of pruning methods")
+    p.add_argument("--sparsities", default="0.8", help="comma list, e.g. 0.5,0.8,0.9,0.95")
+    p.add_argument("--seeds", default="0", help="comma list of seeds")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tune")
+    p.add_argument("--train-size", type=int, default=2000, help="fixed training subset (seed 0)")
+    p.add_argument("--eval-size", type=int, default=1000, help="cap on the eval split (SST-2 dev has 872)")
+    p.add_argument("--probe-examples", type=int, default=500)
+    p.add_argument("--per-class", type=int, default=10, help="calibration examples per class")
+    p.add_argument("--rounds", type=int, default=10, help="pruning rounds (the same for every method)")
+    p.add_argument("--steps", type=int, default=150, help="fine-tune optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: on a loaded 2-core machine two threads spin against each other)")
+    p.add_argument("--out", default="results/quality.json")
+    p.add_argument("--plot", default="results/quality.png")
+    p.add_argument("--summary-only", action="store_true", help="print the table and plot from --out, run nothing")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    records = load_records(out)
+    if not args.summary_only:
+        tok = load_processor(minilm_path())
+        methods = [m for m in args.methods.split(",") if m]
+        sparsities = [float(s) for s in args.sparsities.split(",") if s]
+        for s in sparsities:
+            if not 0 < s < 1 or math.isnan(s):
+                raise SystemExit(f"--sparsities: {s} is not in (0, 1)")
+        for dataset in [d for d in args.datasets.split(",") if d]:
+            train, ev = load_splits(dataset, args.train_size, args.eval_size)
+            for seed in [int(s) for s in args.seeds.split(",") if s]:
+                runs = ([] if args.no_dense else [("dense", 0.0)]) + [(m, s) for s in sparsities for m in methods]
+                for method, sparsity in runs:
+                    t0 = time.perf_counter()
+                    rec = run_one(args, dataset, method, sparsity, seed, tok, train, ev)
+                    rec["wall_s"] = time.perf_counter() - t0
+                    records = [r for r in records if _key(r) != _key(rec)] + [rec]
+                    save_records(out, records)
+                    print(f"{dataset} {method} {sparsity} seed {seed}: after prune (probe) "
+                          f"{rec['accuracy_after_prune']:.4f}, after fine-tune {rec['accuracy_after_finetune']:.4f} "
+                          f"({rec['wall_s']:.0f} s)", flush=True)
+    print(format_table(["dataset", "lr", "steps", "method", "sparsity", "seeds", "after prune (probe) %", "after fine-tune %"],
+                       summary_rows(records)))
+    if records:
+        print(plot(records, Path(args.plot)))
+
+
+if __name__ == "__main__":
+    main()
