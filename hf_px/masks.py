@@ -83,38 +83,38 @@ def select_masks(
     on = [t for t in targets if t.on_path]
     off = [t for t in targets if not t.on_path]
     alive = {t.key: t.view(masks[t.param_name]) for t in targets}
-    neg_inf = torch.tensor(-math.inf, dtype=torch.float64)
+    n_alive = {t.key: int(alive[t.key].sum()) for t in targets}
 
-    parts = []
-    for t in on:
-        flat = torch.where(alive[t.key], scores[t.key].double(), neg_inf).flatten()
-        floor = min(math.ceil(min_density_ratio * density * t.numel()), int(alive[t.key].sum()))
+    # Only alive on-path entries are ranked. They are sorted once, in float32 after dividing by the largest
+    # score (the order is what matters; scores below float32's range tie at the bottom and go first).
+    idx = [torch.nonzero(alive[t.key].flatten()).squeeze(1) for t in on]
+    raw = [scores[t.key].flatten()[i].double() for t, i in zip(on, idx, strict=True)]
+    top = max((float(r.max()) for r in raw if len(r)), default=1.0)
+    scale = top if top > 0 and math.isfinite(top) else 1.0
+    vals = []
+    for t, r in zip(on, raw, strict=True):
+        v = (r / scale).float()
+        floor = min(math.ceil(min_density_ratio * density * t.numel()), n_alive[t.key])
         if floor > 0:  # the floor entries sort first, so any cut keeps them
-            flat[torch.topk(flat, floor).indices] = math.inf
-        parts.append(flat)
-    flat_scores = torch.cat(parts)
-    # only alive entries need ordering; dead ones (-inf) sort last and are never kept
-    alive_idx = torch.nonzero(flat_scores > -math.inf).squeeze(1)
-    order = alive_idx[torch.argsort(flat_scores[alive_idx], descending=True)]
+            v[torch.topk(v, floor).indices] = math.inf
+        vals.append(v)
+    order = torch.argsort(torch.cat(vals), descending=True)
     n_alive_on = len(order)
 
     if off:
-        # sorted positions of each (block, role) group: its survivors at cut m are searchsorted(positions, m)
+        # a target's survivors at cut m are the entries of its group among the first m of the global order
         group_of = {(t.block, t.role): i for i, t in enumerate(on)}
-        entry_group = torch.cat([torch.full((t.numel(),), i, dtype=torch.int16) for i, t in enumerate(on)])
-        group_in_order = entry_group[order]
-        # ascending positions in the global order of each target's alive entries (nonzero is already sorted)
-        positions = [torch.nonzero(group_in_order == i).squeeze(1) for i in range(len(on))]
+        group_in_order = torch.cat([torch.full((len(i),), g, dtype=torch.int16) for g, i in enumerate(idx)])[order]
+        positions = [torch.nonzero(group_in_order == g).squeeze(1) for g in range(len(on))]  # ascending
         sizes = [t.numel() for t in on]
         follow_ids = [[group_of[(t.block, r)] for r in t.follows if (t.block, r) in group_of] for t in off]
-        off_alive = [int(alive[t.key].sum()) for t in off]
 
         def off_counts(m: int) -> list[int]:
             kept = [int(torch.searchsorted(p, m)) for p in positions]
             counts = []
-            for t, ids, n_alive in zip(off, follow_ids, off_alive, strict=True):
+            for t, ids in zip(off, follow_ids, strict=True):
                 rho = sum(kept[i] for i in ids) / max(sum(sizes[i] for i in ids), 1) if ids else m / max(n_alive_on, 1)
-                counts.append(min(int(round(rho * t.numel())), n_alive))
+                counts.append(min(int(round(rho * t.numel())), n_alive[t.key]))
             return counts
 
         lo, hi = 0, n_alive_on  # largest m with m + Σ off_counts(m) <= keep_total
@@ -129,14 +129,13 @@ def select_masks(
     else:
         m_on, counts = min(keep_total, n_alive_on), []
 
-    keep_flat = torch.zeros(len(flat_scores), dtype=torch.bool)
-    keep_flat[order[:m_on]] = True
+    keep_alive = torch.zeros(n_alive_on, dtype=torch.bool)
+    keep_alive[order[:m_on]] = True
     new = {name: torch.zeros_like(m) for name, m in masks.items()}
-    offset = 0
-    for t in on:
-        n = t.numel()
-        t.view(new[t.param_name]).copy_(keep_flat[offset:offset + n].view_as(alive[t.key]))
-        offset += n
+    for t, i, kept in zip(on, idx, torch.split(keep_alive, [len(i) for i in idx]), strict=True):
+        flat = torch.zeros(t.numel(), dtype=torch.bool)
+        flat[i[kept]] = True
+        t.view(new[t.param_name]).copy_(flat.view_as(alive[t.key]))
     for t, k in zip(off, counts, strict=True):
         t.view(new[t.param_name]).copy_(_topk_mask(scores[t.key], alive[t.key], k))
     return new
