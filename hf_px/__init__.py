@@ -38,6 +38,8 @@ def __getattr__(name: str):
         "finetune": ("train", "finetune"),
         "FinetuneConfig": ("train", "FinetuneConfig"),
         "PCNConfig": ("pcn", "PCNConfig"),
+        "apply_pcn": ("pcn", "apply_pcn"),
+        "PCNReport": ("pcn", "PCNReport"),
         "load_model": ("modeling", "load_model"),
         "save_pretrained": ("serialization", "save_pretrained"),
         "push_to_hub": ("hub", "push_to_hub"),

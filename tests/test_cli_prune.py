@@ -167,3 +167,16 @@ def test_prune_cli_with_pcn_shrinks_the_ffn_then_prunes(tiny_ckpt, csv_data, tmp
     assert hf_px.sparsity_report(model)["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     meta = json.loads((out / "hf_px.json").read_text())
     assert meta["metadata"]["report"]["pcn"]["layers"]
+
+
+def test_finetune_cli_pushes_the_finetuned_model(tiny_ckpt, csv_data, tmp_path, fake_hub):
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_ckpt), "--dataset", str(csv_data), "--text-column", "review",
+                 "--per-class", "4", "--sparsity", "0.5", "--rounds", "1", "--output-dir", str(pruned),
+                 "--no-progress"]) == 0
+    rc = main(["finetune", "--model", str(pruned), "--dataset", str(csv_data), "--text-column", "review",
+               "--eval-split", "train", "--output-dir", str(tmp_path / "ft"), "--max-steps", "2",
+               "--batch-size", "8", "--no-progress", "--push-to-hub", "--hub-model-id", "tester/tiny-ft"])
+    assert rc == 0
+    remote = AutoModelForSequenceClassification.from_pretrained("tester/tiny-ft")
+    assert hf_px.sparsity_report(remote)["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)

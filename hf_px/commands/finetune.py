@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label")
     p.add_argument("--log-with", nargs="+", default=["jsonl"], choices=("jsonl", "tensorboard"))
     p.add_argument("--no-progress", action="store_true")
+    from .prune import add_push_args
+
+    add_push_args(p)
     return p
 
 
@@ -148,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     from ..masks import masks_from_model
     from ..train import finetune
 
+    from .prune import check_push_args, push_if_asked
+
+    check_push_args(args)
     config = config_from_args(args)
     train, evals = _splits(args)
     model, tokenizer = load_model(args, train)
@@ -158,4 +164,6 @@ def run(args: argparse.Namespace) -> int:
                    "world_size": out.world_size, "metrics": out.metrics,
                    "density": out.sparsity.get("density_after", out.sparsity.get("density_before"))}
         print(json.dumps(summary, indent=2))
+        if out.output_dir:
+            push_if_asked(args, os.path.join(out.output_dir, "model"))
     return 0
