@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-examples", type=int, default=1000, help="held-out examples to evaluate (default: 1000).")
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default: 1).")
     p.add_argument("--max-length", type=int, default=64, help="token truncation length (default: 64).")
+    p.add_argument("--learning-rate", type=float, default=2e-4,
+                   help="fine-tuning learning rate (default: 2e-4; sparse models need more than dense 5e-5).")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars.")
     p.set_defaults(func=run)
 
@@ -64,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     result.report["base_model"] = "sentence-transformers/all-MiniLM-L6-v2"
     print(result.report)
 
-    ft_config = FinetuneConfig(epochs=args.epochs, batch_size=32, learning_rate=5e-5, max_length=args.max_length,
+    ft_config = FinetuneConfig(epochs=args.epochs, batch_size=32, learning_rate=args.learning_rate, max_length=args.max_length,
                                progress_bar=not args.no_progress, metrics=("accuracy",))
     out = finetune(result, train, test, ft_config, tokenizer=tokenizer)
-    result.report["finetune"] = {"train_examples": len(train), "epochs": args.epochs, "learning_rate": 5e-5,
+    result.report["finetune"] = {"train_examples": len(train), "epochs": args.epochs, "learning_rate": args.learning_rate,
                                  "batch_size": 32, "max_length": args.max_length}
     result.report["metrics"] = {k: float(v) for k, v in out.metrics.items() if isinstance(v, (int, float))}
     result.model = out.model
