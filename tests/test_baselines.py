@@ -17,14 +17,6 @@ from hf_px.targets import collect_targets
 BASELINES = ["snip", "grasp", "synflow", "wanda"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models on a loaded 2-core machine: two intra-op threads spin against each other (measured ~100x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _ctx(model: nn.Module, batches: list, **extra) -> ScoringContext:
     targets = collect_targets(model)

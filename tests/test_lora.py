@@ -13,15 +13,6 @@ from hf_px.targets import collect_targets
 from hf_px.train import FinetuneConfig, finetune
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: extra OpenMP threads only add synchronisation, which is slow on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pruned(family: str, density: float = 0.4, seed: int = 0):
     model = tiny(family, seed=seed, **({"hidden_dropout_prob": 0.0} if family == "bert" else {}))
     g = torch.Generator().manual_seed(seed)

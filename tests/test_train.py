@@ -20,16 +20,6 @@ from hf_px.targets import collect_targets
 from hf_px.train import FinetuneConfig, finetune
 from hf_px.train_utils import latest_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: extra OpenMP threads only add synchronisation, which is slow on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "plot", "the", "a", "was", "is", "very"]
 

@@ -150,7 +150,6 @@ def load_model(args: argparse.Namespace, train: Any):
 def run(args: argparse.Namespace) -> int:
     from ..masks import masks_from_model
     from ..train import finetune
-
     from .prune import check_push_args, push_if_asked
 
     check_push_args(args)
