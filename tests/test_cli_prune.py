@@ -180,3 +180,10 @@ def test_finetune_cli_pushes_the_finetuned_model(tiny_ckpt, csv_data, tmp_path, 
     assert rc == 0
     remote = AutoModelForSequenceClassification.from_pretrained("tester/tiny-ft")
     assert hf_px.sparsity_report(remote)["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_finetune_cli_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    rc = main(["finetune", "--model", str(tmp_path / "missing"), "--dataset", "builtin:rotten_tomatoes",
+               "--output-dir", str(tmp_path / "ft")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()

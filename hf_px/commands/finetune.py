@@ -149,10 +149,12 @@ def load_model(args: argparse.Namespace, train: Any):
 
 def run(args: argparse.Namespace) -> int:
     from ..masks import masks_from_model
+    from ..modeling import check_model_source
     from ..train import finetune
     from .prune import check_push_args, push_if_asked
 
     check_push_args(args)
+    check_model_source(args.model, allow_pickle=True)  # a missing folder fails here, not as a Hub-id error
     config = config_from_args(args)
     train, evals = _splits(args)
     model, tokenizer = load_model(args, train)
