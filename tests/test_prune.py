@@ -99,3 +99,11 @@ def test_zero_sparsity_is_a_no_op():
     result = hf_px.prune(model, tiny_batches(model), hf_px.PruneConfig(sparsity=0.0), progress=False)
     assert result.report["achieved_sparsity"] == 0.0
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_causal_lm_batches_of_different_lengths(family):
+    model = tiny(family)
+    batches = tiny_batches(model, n_batches=1, length=7) + tiny_batches(model, n_batches=1, length=12, seed=3)
+    result = hf_px.prune(model, batches, hf_px.PruneConfig(sparsity=0.6, rounds=2), progress=False)
+    assert abs(result.report["kept_params"] - round(0.4 * result.report["prunable_params"])) <= 1

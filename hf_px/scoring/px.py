@@ -20,7 +20,7 @@ from ..heads import head_spec, pool, run_head
 from ..registry import get_arch, get_module, is_linear_like
 from ..surrogate import SurrogateRun, surrogate_attention
 from ..targets import Target, is_transformers_model
-from .base import Scorer, ScoringContext, all_reduce_sum, model_inputs, register_scorer
+from .base import Scorer, ScoringContext, all_reduce_max, all_reduce_sum, model_inputs, register_scorer
 from .ntk_diag import accumulate_probe_grads, plain_input
 
 
@@ -187,11 +187,13 @@ def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, bat
                     if head.pooling == "none" and mask is not None:
                         out_a = out_a * mask.to(out_a.dtype).unsqueeze(-1)
                 run.pad_mask = None
-                a_bar = out_a.sum(0) if a_bar is None else a_bar + out_a.sum(0)
+                a_bar = _add_padded(a_bar, out_a.sum(0))
                 if mask is not None:
                     lengths += torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64)
             if a_bar is None:
                 raise ValueError("empty calibration set: PX needs at least one batch.")
+            if head.pooling == "none":  # per-position outputs: ranks may have seen different lengths
+                a_bar = _pad_rows(a_bar, int(all_reduce_max(torch.tensor(float(a_bar.shape[0])))))
             a_bar = all_reduce_sum(a_bar)
             acc = [all_reduce_sum(a) for a in acc]
             lengths = all_reduce_sum(lengths)
@@ -216,6 +218,22 @@ def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, bat
         theta = t.view(t.param.detach().double())
         scores[t.key] = theta.abs() if qk_score == "magnitude" else theta * theta * t.view(by_param[id(t.param)])
     return scores, float(r.detach())
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] >= rows:
+        return t
+    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+
+
+def _add_padded(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """Sum of per-batch Ā; causal-LM outputs are per position and batches differ in length (zero-padded)."""
+    if total is None:
+        return part
+    rows = max(total.shape[0], part.shape[0]) if part.dim() > 1 else None
+    if rows is None:
+        return total + part
+    return _pad_rows(total, rows) + _pad_rows(part, rows)
 
 
 def _b_inputs(example: dict, pooling: str, a_bar: torch.Tensor, lengths: torch.Tensor) -> dict:
