@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     train = data["train"].shuffle(seed=0).select(range(min(args.train_examples, len(data["train"]))))
     test = data["test"].shuffle(seed=0).select(range(min(args.eval_examples, len(data["test"]))))
     tokenizer = load_processor(path)
+    from transformers import set_seed
+
+    set_seed(0)  # the new classification head is randomly initialised: make the demo repeatable
     model = load_model(path, "sequence-classification", num_labels=2)
     batches = calibration_batches(data["train"], tokenizer, per_class=args.per_class, max_length=args.max_length)
     print(f"[hf-px demo] MiniLM from {path}; {sum(len(b['input_ids']) for b in batches)} calibration examples")
