@@ -7,6 +7,8 @@ iterative schedule, the global threshold and the masks live in :mod:`hf_px.prune
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,6 +49,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+@contextmanager
+def grads_for(model: nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+    """Only ``params`` require grad inside the block (no backward into embeddings and heads); restored after."""
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..targets import is_transformers_model
-from .base import Scorer, ScoringContext, all_reduce_sum, model_inputs, register_scorer
+from .base import Scorer, ScoringContext, all_reduce_sum, grads_for, model_inputs, register_scorer
 
 
 def plain_input(batch) -> torch.Tensor:
@@ -70,19 +70,10 @@ class NTKDiagScorer(Scorer):
         model = ctx.model
         params = list({id(t.param): t.param for t in ctx.targets}.values())
         acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        flags = [p.requires_grad for p in model.parameters()]
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for p in params:
-                p.requires_grad_(True)
+        with grads_for(model, params):
             for batch in ctx.batches:
-                with torch.enable_grad():
-                    out = forward_output(model, batch)
-                    accumulate_probe_grads(out, params, acc, ctx.config.hutchinson_probes, ctx.generator,
-                                           output_mask(model, batch, out))
-        finally:
-            for p, f in zip(model.parameters(), flags, strict=True):
-                p.requires_grad_(f)
+                out = forward_output(model, batch)
+                accumulate_probe_grads(out, params, acc, ctx.config.hutchinson_probes, ctx.generator,
+                                       output_mask(model, batch, out))
         by_param = {id(p): all_reduce_sum(a) for p, a in zip(params, acc, strict=True)}
         return {t.key: t.view(by_param[id(t.param)] * t.param.detach().double() ** 2) for t in ctx.targets}

@@ -20,7 +20,15 @@ from ..heads import head_spec, pool, run_head
 from ..registry import get_arch, get_module, is_linear_like
 from ..surrogate import SurrogateRun, surrogate_attention
 from ..targets import Target, is_transformers_model
-from .base import Scorer, ScoringContext, all_reduce_max, all_reduce_sum, model_inputs, register_scorer
+from .base import (
+    Scorer,
+    ScoringContext,
+    all_reduce_max,
+    all_reduce_sum,
+    grads_for,
+    model_inputs,
+    register_scorer,
+)
 from .ntk_diag import accumulate_probe_grads, plain_input
 
 
@@ -159,15 +167,10 @@ def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, bat
     pad_id = getattr(model.config, "pad_token_id", None)
 
     a_bar, lengths, example = None, torch.zeros(2, dtype=torch.float64), None
-    flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     model.eval()
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in off_params:
-            p.requires_grad_(True)
-        with surrogate_attention(model), run.installed():
+        with grads_for(model, off_params), surrogate_attention(model), run.installed():
             for batch in batches:
                 inputs = model_inputs(batch)
                 example = inputs
@@ -209,8 +212,6 @@ def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, bat
     finally:
         run.clear()
         model.train(was_training)
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
 
     scores = _px_from_grads(on, leaves, grads)
     by_param = {id(p): a for p, a in zip(off_params, acc, strict=True)}

@@ -7,15 +7,12 @@ Unlike the official code the model stays in eval() (transformers have no BatchNo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..targets import is_transformers_model
-from .base import Scorer, ScoringContext, all_reduce_sum, model_inputs, register_scorer
+from .base import Scorer, ScoringContext, all_reduce_sum, grads_for, model_inputs, register_scorer
 from .ntk_diag import plain_input
 
 
@@ -61,22 +58,6 @@ def task_loss(model: nn.Module, batch, temperature: float = 1.0) -> torch.Tensor
     if labels.is_floating_point():  # regression heads
         return F.mse_loss(logits.squeeze(-1), labels)
     return F.cross_entropy(logits.flatten(0, -2) if logits.dim() > 2 else logits, labels.flatten())
-
-
-@contextmanager
-def grads_for(model: nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
-    """Only ``params`` require grad inside the block (saves the backward of embeddings and heads)."""
-    flags = [p.requires_grad for p in model.parameters()]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
 
 
 def unique_params(ctx: ScoringContext) -> list[torch.Tensor]:
