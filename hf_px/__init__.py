@@ -49,6 +49,9 @@ def __getattr__(name: str):
         "load_metric": ("metrics", "load_metric"),
         "apply_lora": ("lora", "apply_lora"),
         "merge_lora": ("lora", "merge_lora"),
+        "run": ("pipeline", "run"),
+        "RunConfig": ("pipeline", "RunConfig"),
+        "evaluate": ("evaluation", "evaluate"),
     }
     if name in lazy:
         import importlib

@@ -78,8 +78,8 @@ _TAG_BY_CLASS = {
 
 
 def pipeline_tag_for(model: Any) -> str | None:
-    """Guess the pipeline tag from the model class name (``BertForSequenceClassification`` -> text-classification)."""
-    name = type(model).__name__
+    """Guess the pipeline tag from the model (or its class name): ``BertForSequenceClassification`` -> text-classification."""
+    name = model if isinstance(model, str) else type(model).__name__
     return next((tag for suffix, tag in _TAG_BY_CLASS.items() if name.endswith(suffix)), None)
 
 
@@ -129,6 +129,7 @@ def build_card(
     pipeline_tag: str | None = None,
     template_path: str | os.PathLike | None = None,
     repo_id: str | None = None,
+    plots: list[tuple[str, str]] | None = None,
 ) -> ModelCard:
     """Render the model card of a pruned checkpoint.
 
@@ -144,6 +145,7 @@ def build_card(
         pipeline_tag: e.g. ``"text-classification"``.
         template_path: a Jinja markdown template; default ``model_cards/default.md``.
         repo_id: where the checkpoint will live, used in the load snippet.
+        plots: ``(caption, relative path)`` of images stored with the checkpoint, shown in a Plots section.
 
     Example:
         >>> card = build_card({"method": "px", "target_sparsity": 0.9, "achieved_sparsity": 0.9,
@@ -215,4 +217,5 @@ def build_card(
         finetune_rows=[(k, _fmt(v)) for k, v in (report.get("finetune") or {}).items()],
         metric_rows=[(k, _fmt(v)) for k, v in flat],
         eval_dataset=dataset,
+        plots=plots or [],
     )

@@ -12,6 +12,7 @@ COMMANDS = [
     "hf_px.commands.prune",
     "hf_px.commands.demo",
     "hf_px.commands.finetune",
+    "hf_px.commands.run",
 ]
 
 

@@ -1,0 +1,327 @@
+"""Everything ``hf-px run`` checks before it loads a model or creates an output folder.
+
+Each failure is one :class:`~hf_px.pipeline.config.ConfigError` line that names the problem and the fix. The
+checks read only metadata (``config.json``, safetensors headers, tokenizer file names) and the dataset; the model
+skeleton used to compare names and shapes is built on the ``meta`` device, so no weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+
+RUN_MARKER = "run.json"
+BUILTIN_MODELS = ("builtin:minilm",)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+_EVAL_SPLITS = ("validation", "dev", "test", "eval")
+
+
+@dataclass
+class Plan:
+    """What the checks resolved: the pipeline's stages use it instead of re-reading the inputs."""
+
+    model_path: str | None  # local folder or Hub id; None for from_config
+    tokenizer_path: str
+    task: str
+    num_labels: int | None
+    train: Any
+    eval: Any
+    text_column: str | None
+    label_column: str | None
+    image_column: str | None
+    eval_split: str | None
+
+
+def resolve_builtin(name: str | None) -> str | None:
+    if name == "builtin:minilm":
+        from ..commands.demo import minilm_path
+
+        return minilm_path()
+    if name is not None and name.startswith("builtin:"):
+        raise ConfigError(f"unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}.")
+    return name
+
+
+def _local(name: str) -> bool:
+    return os.path.exists(os.path.expanduser(name)) or os.path.isabs(name) or name.startswith((".", "~")) \
+        or name.count("/") > 1 or name.endswith("/")
+
+
+def check_output_dir(path: str) -> Path:
+    """A run folder that is new/empty or one of our own runs, whose nearest existing parent is writable."""
+    out = Path(path).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.output_dir {out} is a file; set output.output_dir to a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
+        raise ConfigError(f"output.output_dir {out} is not empty and holds no hf-px run ({RUN_MARKER}); choose an "
+                          "empty or new folder so nothing of yours is overwritten.")
+    probe_dir = out
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ConfigError(f"output.output_dir {out} cannot be created: {probe_dir} is a file, not a folder.")
+    try:  # os.access says yes to root even on read-only mounts: try a real write
+        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".hf-px-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"output.output_dir {out} is not writable ({err.strerror or err} in {probe_dir}); "
+                          "choose a folder you can write to.") from err
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ model
+def _task_class(task: str):
+    import transformers
+
+    return {"sequence-classification": transformers.AutoModelForSequenceClassification,
+            "image-classification": transformers.AutoModelForImageClassification,
+            "causal-lm": transformers.AutoModelForCausalLM}[task]
+
+
+def _infer_task(config: Any) -> str:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in archs or "LMHead" in archs:
+        return "causal-lm"
+    if "ImageClassification" in archs or getattr(config, "model_type", "") == "vit":
+        return "image-classification"
+    return "sequence-classification"
+
+
+def _read_config(folder: Path, trust_remote_code: bool):
+    import transformers
+
+    raw_path = folder / "config.json"
+    try:
+        raw = json.loads(raw_path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{raw_path} is corrupt (not valid JSON: {err}); re-save the checkpoint with "
+                          "save_pretrained or restore the file.") from err
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ConfigError(f"{raw_path} has no model_type; it is not a transformers config. Re-save the checkpoint "
+                          "with save_pretrained.")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"{raw_path}: model_type {raw['model_type']!r} is not known to transformers "
+                          f"{transformers.__version__} ({str(err).splitlines()[0][:120]}); upgrade transformers or "
+                          "set model.trust_remote_code: true for a custom model.") from err
+
+
+def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    shapes[key] = tuple(fh.get_slice(key).get_shape())
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for broken headers
+            raise ConfigError(f"{f} is corrupt or truncated ({str(err).splitlines()[0][:120]}); re-download or "
+                              "re-save the checkpoint.") from err
+    return shapes
+
+
+def _check_weights_match(folder: Path, config: Any, trust_remote_code: bool) -> None:
+    """The safetensors names/shapes must belong to the architecture that config.json describes."""
+    if (folder / "hf_px.json").exists() and (folder / "model.sparse.safetensors").exists():
+        return  # hf_px sparse format: checked by hf_px.load against its own layout
+    shapes = _weight_shapes(folder)
+    if not shapes:
+        return  # pickle-only (allowed explicitly) or GGUF: nothing to compare without loading
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        skeleton = transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    prefix = getattr(skeleton, "base_model_prefix", "") + "."
+    found = {(k[len(prefix):] if k.startswith(prefix) else k): s for k, s in shapes.items()}
+    hits = [k for k in expected if k in found]
+    if len(hits) < 0.5 * len(expected):
+        example = next(iter(shapes))
+        raise ConfigError(
+            f"{folder}/config.json describes a {config.model_type} model, but the weights do not belong to it "
+            f"({len(hits)} of {len(expected)} expected tensors found; the file has e.g. {example!r}). The config "
+            "and the weights come from different architectures: restore the checkpoint's own config.json."
+        )
+    for k in hits:
+        if found[k] != expected[k]:
+            raise ConfigError(f"{folder}: tensor {k!r} has shape {list(found[k])} but config.json implies "
+                              f"{list(expected[k])}; the config does not match the weights (edited hidden sizes?).")
+
+
+def check_model(cfg: RunConfig) -> tuple[str | None, str, Any]:
+    """(resolved model path, task, transformers config) for the model section."""
+    import transformers
+
+    m = cfg.model
+    if m.from_config is not None:
+        fields = dict(m.from_config)
+        model_type = fields.pop("model_type")
+        try:
+            config = transformers.AutoConfig.for_model(model_type, **fields)
+        except ValueError as err:
+            raise ConfigError(f"model.from_config: unknown model_type {model_type!r} "
+                              f"({str(err).splitlines()[0][:100]}).") from err
+        task = m.task if m.task != "auto" else "sequence-classification"
+        return None, task, config
+    path = resolve_builtin(m.name_or_path)
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if _local(path):
+            raise ConfigError(f"model.name_or_path {path!r} does not exist; pass a checkpoint folder or a Hub id.")
+        return path, m.task, None  # a Hub id: checked when it is downloaded
+    from ..modeling import check_model_source
+
+    try:
+        check_model_source(str(folder), allow_pickle=m.allow_pickle)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err).replace("--allow-pickle", "model.allow_pickle: true")) from err
+    if m.gguf_file:
+        if not (folder / m.gguf_file).is_file():
+            raise ConfigError(f"model.gguf_file {m.gguf_file!r} is not in {folder}; name a .gguf file inside it.")
+        return str(folder), m.task, None
+    config = _read_config(folder, m.trust_remote_code)
+    _check_weights_match(folder, config, m.trust_remote_code)
+    task = m.task if m.task != "auto" else _infer_task(config)
+    return str(folder), task, config
+
+
+def check_tokenizer(cfg: RunConfig, model_path: str | None, task: str) -> str:
+    where = resolve_builtin(cfg.model.tokenizer) or model_path
+    if where is None:
+        raise ConfigError("model.tokenizer is needed with model.from_config.")
+    folder = Path(where).expanduser()
+    if not folder.is_dir():
+        if _local(where):
+            raise ConfigError(f"model.tokenizer {where!r} does not exist; pass a folder with tokenizer files.")
+        return where  # Hub id
+    if cfg.model.gguf_file and where == model_path:
+        return where
+    wanted = _PROCESSOR_FILES if task == "image-classification" else _TOKENIZER_FILES
+    if not any((folder / f).exists() for f in wanted):
+        kind = "image processor" if task == "image-classification" else "tokenizer"
+        raise ConfigError(f"no {kind} in {folder} (none of {', '.join(wanted)}); set model.tokenizer to a folder "
+                          f"or Hub id that has one, or save it next to the model.")
+    return where
+
+
+# ------------------------------------------------------------------------------------------------- data
+def _subset(ds: Any, n: int | None, seed: int) -> Any:
+    return ds.shuffle(seed=seed).select(range(min(n, len(ds)))) if n and len(ds) > n else ds
+
+
+def _empty_rows(ds: Any, column: str) -> list[int]:
+    return [i for i, t in enumerate(ds[column]) if t is None or not str(t).strip()]
+
+
+def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
+    import datasets
+
+    from ..data import load_dataset_any, resolve_columns
+
+    d = cfg.data
+    try:
+        dd = load_dataset_any(d.dataset, config_name=d.dataset_config, seed=d.seed)
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as err:
+        raise ConfigError(f"data.dataset: {err}") from err
+    if d.train_split not in dd:
+        raise ConfigError(f"data.train_split {d.train_split!r} is not in {d.dataset!r} (splits: {', '.join(dd)}).")
+    if d.eval_split is not None and d.eval_split not in dd:
+        raise ConfigError(f"data.eval_split {d.eval_split!r} is not in {d.dataset!r} (splits: {', '.join(dd)}).")
+    eval_split = d.eval_split or next((s for s in _EVAL_SPLITS if s in dd), None)
+    train = _subset(dd[d.train_split], d.max_train_samples, d.seed)
+    evals = _subset(dd[eval_split], d.max_eval_samples, d.seed) if eval_split else None
+    if len(train) == 0:
+        raise ConfigError(f"split {d.train_split!r} of {d.dataset!r} is empty: the calibration set would be empty; "
+                          "use a split with examples.")
+    causal = task == "causal-lm"
+    label_col = None if causal else d.label_column
+    try:
+        text, label, image = resolve_columns(train, d.text_column, label_col, d.image_column)
+    except ValueError as err:
+        raise ConfigError(str(err).replace("--label-column", "data.label_column")
+                          .replace("--text-column", "data.text_column")
+                          .replace("--image-column", "data.image_column")) from err
+    if text is None and image is None:
+        raise ConfigError(f"no text or image column in {d.dataset!r} (columns: {', '.join(train.column_names)}); "
+                          "set data.text_column or data.image_column.")
+    if task == "image-classification" and image is None:
+        raise ConfigError(f"the model is an image classifier but {d.dataset!r} has no image column; set "
+                          "data.image_column or use a text model.")
+    if text is not None and image is None:
+        for name, split in (("train", train), ("eval", evals)):
+            if split is None:
+                continue
+            empty = _empty_rows(split, text)
+            if empty and not d.drop_empty_text:
+                raise ConfigError(f"{len(empty)} rows of the {name} split have empty {text!r} (first: row {empty[0]}); "
+                                  "remove them or set data.drop_empty_text: true.")
+        if d.drop_empty_text:
+            train = train.filter(lambda r: r[text] is not None and str(r[text]).strip() != "")
+            evals = evals.filter(lambda r: r[text] is not None and str(r[text]).strip() != "") \
+                if evals is not None else None
+    num_labels = cfg.model.num_labels
+    if label is not None and not causal:
+        feat = train.features[label]
+        if isinstance(feat, datasets.ClassLabel):
+            n_classes, values = feat.num_classes, set(train[label])
+        elif isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string"):
+            values = set(train[label])
+            n_classes = len(values)
+        elif isinstance(feat, datasets.Value) and (feat.dtype.startswith(("int", "uint")) or feat.dtype == "bool"):
+            values = {int(v) for v in train[label]}
+            if min(values) < 0:
+                raise ConfigError(f"label column {label!r} has negative values ({min(values)}); labels must be class "
+                                  "ids 0..K-1.")
+            n_classes = max(values) + 1
+        else:
+            raise ConfigError(f"label column {label!r} holds {feat} values, not integer class ids; convert it to "
+                              "integers 0..K-1 (or class-name strings), or set data.label_column.")
+        if len(values) < 2 and (cfg.finetune is not None or cfg.evaluate.enabled):
+            raise ConfigError(f"label column {label!r} of split {d.train_split!r} holds a single class "
+                              f"({next(iter(values))!r}); a classifier cannot learn from it: fix the data or "
+                              "data.label_column.")
+        if num_labels is not None and n_classes > num_labels:
+            raise ConfigError(f"model.num_labels is {num_labels} but the labels of {d.dataset!r} need {n_classes} "
+                              f"classes; set model.num_labels: {n_classes} (or remove it to use the data's count).")
+        trained = ckpt_config is not None and any(
+            a.endswith(("ForSequenceClassification", "ForImageClassification"))
+            for a in (getattr(ckpt_config, "architectures", None) or []))
+        if num_labels is None and trained and ckpt_config.num_labels != n_classes:
+            raise ConfigError(f"the checkpoint's classification head has {ckpt_config.num_labels} labels but the data "
+                              f"have {n_classes}; set model.num_labels: {n_classes} to replace the head with a new one.")
+        num_labels = num_labels or n_classes
+    return {"train": train, "eval": evals, "text_column": text, "label_column": None if causal else label,
+            "image_column": image, "num_labels": num_labels, "eval_split": eval_split}
+
+
+def check_run(cfg: RunConfig) -> Plan:
+    """All checks, in the order a user would fix them; nothing is written and no weights are read."""
+    check_output_dir(cfg.output.output_dir)
+    model_path, task, ckpt_config = check_model(cfg)
+    if task == "auto":
+        task = "sequence-classification"
+    tokenizer_path = check_tokenizer(cfg, model_path, task)
+    data = check_data(cfg, task, ckpt_config)
+    if cfg.push.enabled and not re.match(r"^[\w.-]+/[\w.-]+$", cfg.push.hub_model_id or ""):
+        raise ConfigError(f"push.hub_model_id {cfg.push.hub_model_id!r} is not a repo id of the form user/name.")
+    return Plan(model_path=model_path, tokenizer_path=tokenizer_path, task=task, num_labels=data["num_labels"],
+                train=data["train"], eval=data["eval"], text_column=data["text_column"],
+                label_column=data["label_column"], image_column=data["image_column"], eval_split=data["eval_split"])

@@ -1,0 +1,372 @@
+"""``RunConfig``: one YAML/JSON file that describes a whole ``hf-px run``, validated into dataclasses.
+
+Sections map onto the dataclasses the library already has (``prune`` -> :class:`~hf_px.PruneConfig`, ``pcn`` ->
+:class:`~hf_px.pcn.PCNConfig`, ``finetune`` -> :class:`~hf_px.train.FinetuneConfig`) plus the small sections
+below. A section set to ``null`` (or ``enabled: false``) skips its stage. Unknown keys are errors that name the
+closest valid key.
+
+Example:
+    >>> cfg = RunConfig.from_dict({"model": {"name_or_path": "builtin:minilm"},
+    ...                            "prune": {"sparsity": 0.8, "rounds": 10},
+    ...                            "output": {"output_dir": "runs/minilm"}})
+    >>> cfg.prune.sparsity, cfg.finetune.epochs
+    (0.8, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from ..config import PruneConfig
+from ..pcn.config import PCNConfig
+from ..train import FinetuneConfig
+
+TASKS = ("auto", "sequence-classification", "image-classification", "causal-lm")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the key and the fix."""
+
+
+@dataclass
+class ModelSection:
+    """Which checkpoint to start from.
+
+    Args:
+        name_or_path: Hub id, local checkpoint folder, or ``builtin:minilm`` (the packaged all-MiniLM-L6-v2).
+        from_config: build a randomly initialised model from this config dict instead (``model_type`` plus
+            fields, e.g. ``{model_type: bert, hidden_size: 32}``); needs ``tokenizer``.
+        task: auto | sequence-classification | image-classification | causal-lm.
+        num_labels: classes of a classification head (default: the dataset's). Set it to replace a trained
+            head that has a different number of labels.
+        tokenizer: tokenizer/processor location when it is not next to the model (``builtin:minilm`` works).
+        gguf_file: a GGUF file inside ``name_or_path`` (dequantized to float32).
+        trust_remote_code: allow model code from the checkpoint.
+        allow_pickle: allow pickle (``*.bin``) weights, which can run code when loaded.
+    """
+
+    name_or_path: str | None = None
+    from_config: dict[str, Any] | None = None
+    task: str = "auto"
+    num_labels: int | None = None
+    tokenizer: str | None = None
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.from_config is None):
+            raise ConfigError("model: give exactly one of model.name_or_path (a checkpoint) and model.from_config "
+                              "(a random model built from a config dict).")
+        if self.from_config is not None and "model_type" not in self.from_config:
+            raise ConfigError("model.from_config needs a model_type key (e.g. model_type: bert).")
+        if self.from_config is not None and self.tokenizer is None:
+            raise ConfigError("model.from_config builds a model without a tokenizer: set model.tokenizer "
+                              "(a folder, a Hub id or builtin:minilm).")
+        if self.task not in TASKS:
+            raise ConfigError(f"model.task must be one of {', '.join(TASKS)}, got {self.task!r}.")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ConfigError(f"model.num_labels must be >= 1, got {self.num_labels}.")
+
+
+@dataclass
+class DataSection:
+    """The downstream data: calibration examples for PX/PCN, training and evaluation splits.
+
+    Args:
+        dataset: builtin:rotten_tomatoes | builtin:tweets | a csv/tsv/json/jsonl/parquet/txt file or folder |
+            an image folder | a Hub dataset id.
+        dataset_config: Hub dataset configuration (e.g. sst2 for glue).
+        train_split: split for calibration and fine-tuning.
+        eval_split: split to evaluate on (default: the first of validation, dev, test, eval).
+        text_column, label_column, image_column: columns (default: detected; label_column null: unlabelled).
+        max_train_samples, max_eval_samples: seeded subsets of the splits.
+        per_class: class-balanced calibration examples per class (the PX paper uses 10).
+        num_batches: unlabelled data: calibration batches to draw instead of per_class.
+        calibration_batch_size: examples per calibration batch.
+        max_length: token truncation length.
+        drop_empty_text: drop rows whose text is empty instead of refusing the dataset.
+        seed: seed for subsets and the calibration sample.
+    """
+
+    dataset: str = "builtin:rotten_tomatoes"
+    dataset_config: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    text_column: str | None = None
+    label_column: str | None = "label"
+    image_column: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    per_class: int | None = 10
+    num_batches: int | None = None
+    calibration_batch_size: int = 16
+    max_length: int = 128
+    drop_empty_text: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples", "per_class", "num_batches"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"data.{name} must be >= 1 or null, got {v}.")
+        for name in ("calibration_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.per_class is None and self.num_batches is None:
+            raise ConfigError("data: set data.per_class (labelled data) or data.num_batches (unlabelled data) to "
+                              "size the calibration set.")
+
+
+@dataclass
+class EvaluateSection:
+    """Evaluation of the final model on the eval split.
+
+    Args:
+        enabled: run the evaluate stage.
+        metrics: metric names (accuracy, f1, perplexity) or evaluate script paths (default: accuracy for
+            classification, perplexity for causal LMs).
+        batch_size: evaluation batch size.
+    """
+
+    enabled: bool = True
+    metrics: list[str] | None = None
+    batch_size: int = 32
+
+
+@dataclass
+class OutputSection:
+    """Where the run writes.
+
+    Args:
+        output_dir: the run folder; every stage writes its own sub-folder with a manifest.
+        format: dense (stock safetensors with zeros) or sparse (packed values + bitmasks).
+    """
+
+    output_dir: str = "hf-px-run"
+    format: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.format not in ("dense", "sparse"):
+            raise ConfigError(f"output.format must be 'dense' or 'sparse', got {self.format!r}.")
+
+
+@dataclass
+class PushSection:
+    """Upload of the final folder (model, card, plots) to the Hub.
+
+    Args:
+        enabled: run the push stage (token: HF_TOKEN; endpoint: HF_ENDPOINT).
+        hub_model_id: repo id, e.g. user/minilm-px80.
+        private: create the repo as private.
+    """
+
+    enabled: bool = False
+    hub_model_id: str | None = None
+    private: bool = False
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.hub_model_id:
+            raise ConfigError("push.enabled needs push.hub_model_id (e.g. user/minilm-px80).")
+
+
+@dataclass
+class ReportSection:
+    """The human-readable report.
+
+    Args:
+        plots: draw PNG plots with matplotlib (density per layer, PCN variance, curves, sizes).
+    """
+
+    plots: bool = True
+
+
+# key -> (dataclass, fields the pipeline owns and a user must not set)
+SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "model": (ModelSection, ()),
+    "data": (DataSection, ()),
+    "pcn": (PCNConfig, ()),
+    "prune": (PruneConfig, ("pcn", "extra")),
+    "finetune": (FinetuneConfig, ("output_dir", "resume")),
+    "evaluate": (EvaluateSection, ()),
+    "output": (OutputSection, ()),
+    "push": (PushSection, ()),
+    "report": (ReportSection, ()),
+}
+# sections that are off unless present in the file; the others get their defaults when absent
+OPTIONAL = ("pcn",)
+
+
+def section_fields(section: str) -> list[dataclasses.Field]:
+    cls, owned = SECTIONS[section]
+    return [f for f in dataclasses.fields(cls) if f.name not in owned]
+
+
+def all_keys() -> list[str]:
+    """Every valid ``section.key``."""
+    return [f"{s}.{f.name}" for s in SECTIONS for f in section_fields(s)]
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(choices)}."
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+
+
+def build_section(section: str, values: dict[str, Any] | None) -> Any:
+    """Validate one section's dict into its dataclass; every error names ``section.key``."""
+    cls, owned = SECTIONS[section]
+    values = dict(values or {})
+    names = [f.name for f in section_fields(section)]
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in owned:
+            raise ConfigError(f"{section}.{key} is set by the pipeline (it manages output folders and resuming); "
+                              "remove it from the config.")
+        if key not in names:
+            raise ConfigError(f"unknown key {section}.{key}.{_suggest(key, names)}")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{section}.{key} must be {_type_name(hints[key])}, got {value!r} "
+                              f"({type(value).__name__}).")
+    if section == "finetune" and "metrics" in values and isinstance(values["metrics"], list):
+        values["metrics"] = tuple(values["metrics"])
+    if section == "finetune" and isinstance(values.get("log_with"), list):
+        values["log_with"] = tuple(values["log_with"])
+    if section == "finetune":
+        values["output_dir"] = "(the run's finetune stage)"  # replaced by the pipeline; lets save_every validate
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(section) else f"{section}: {msg}") from err
+
+
+@dataclass
+class RunConfig:
+    """The whole pipeline: load -> calibrate -> PCN -> PX -> fine-tune -> evaluate -> save -> report -> card -> push.
+
+    ``pcn``, ``prune`` and ``finetune`` are ``None`` when their stage is skipped.
+    """
+
+    model: ModelSection
+    data: DataSection = field(default_factory=DataSection)
+    pcn: PCNConfig | None = None
+    prune: PruneConfig | None = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    push: PushSection = field(default_factory=PushSection)
+    report: ReportSection = field(default_factory=ReportSection)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a run config is a mapping of sections ({', '.join(SECTIONS)}), got "
+                              f"{type(raw).__name__}.")
+        for key in raw:
+            if key not in SECTIONS:
+                raise ConfigError(f"unknown section {key!r}.{_suggest(str(key), list(SECTIONS))}")
+        if "model" not in raw or raw["model"] is None:
+            raise ConfigError("the config needs a model section (model.name_or_path or model.from_config).")
+        kwargs: dict[str, Any] = {}
+        for section in SECTIONS:
+            if section not in raw:
+                if section in OPTIONAL:
+                    kwargs[section] = None
+                continue
+            values = raw[section]
+            if values is None or (isinstance(values, dict) and values.get("enabled") is False
+                                  and section in ("pcn", "prune", "finetune")):
+                if section in ("model", "data", "output", "evaluate", "report", "push"):
+                    raise ConfigError(f"section {section!r} cannot be null; remove it to get the defaults.")
+                kwargs[section] = None
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"section {section!r} must be a mapping of keys, got {values!r}.")
+            values = {k: v for k, v in values.items() if not (k == "enabled" and section in ("pcn", "prune", "finetune"))}
+            kwargs[section] = build_section(section, values)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Read YAML (``.yaml``/``.yml``) or JSON; ``overrides`` maps ``section.key`` to a value."""
+        return cls.from_dict(apply_overrides(read_config_file(path), overrides or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            out[section] = None if obj is None else {f.name: _plain(getattr(obj, f.name))
+                                                     for f in section_fields(section)}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass the path of a YAML or JSON run config "
+                          "(examples in scripts/configs/).")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as err:  # noqa: BLE001 - yaml and json raise different types; both mean a broken file
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
+                          f"{str(err).splitlines()[0]}") from err
+    return raw if raw is not None else {}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"prune.sparsity": 0.8}`` applied onto the raw dict (a null section is switched on by an override)."""
+    raw = dict(raw) if isinstance(raw, dict) else raw
+    valid = all_keys()
+    for key, value in overrides.items():
+        if key not in valid:
+            raise ConfigError(f"unknown key {key}.{_suggest(key, valid)}")
+        section, name = key.split(".", 1)
+        current = raw.get(section)
+        raw[section] = {**(current if isinstance(current, dict) else {}), name: value}
+    return raw

@@ -1,0 +1,219 @@
+"""``hf_px.run``: the whole pipeline, stage by stage, resumable.
+
+Stages (each in its own folder under the run directory, complete only when its manifest is written):
+calibrate -> pcn -> prune -> finetune -> evaluate -> save -> report -> card -> push. PCN runs before PX so
+that PX prunes the model that is shipped (projecting after masking would refill the pruned weights). A re-run
+skips every stage whose manifest matches its inputs; ``force=True`` redoes them all. Under ``accelerate launch``
+fine-tuning and evaluation run on every process, the other stages on the main process while the rest wait.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import steps
+from .checks import RUN_MARKER, check_run
+from .config import ConfigError, RunConfig
+from .stages import STAGE_NAMES, Stage, clean_leftovers, fingerprint, stage_dirname, write_json_atomic
+
+DISTRIBUTED = ("finetune", "evaluate")
+
+
+class RunError(RuntimeError):
+    """A stage failed for an environmental reason (disk full, ...); completed stages are kept."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` returns: per-stage status (``ran``, ``skipped``, ``off``), the report and final folder."""
+
+    output_dir: Path
+    stages: dict[str, str]
+    report: dict[str, Any] = field(default_factory=dict)
+    model_dir: Path | None = None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.report.get("evaluate") or {}
+
+
+def enabled(cfg: RunConfig, name: str) -> bool:
+    return {
+        "calibrate": cfg.pcn is not None or cfg.prune is not None,
+        "pcn": cfg.pcn is not None,
+        "prune": cfg.prune is not None,
+        "finetune": cfg.finetune is not None,
+        "evaluate": cfg.evaluate.enabled,
+        "push": cfg.push.enabled,
+    }.get(name, True)
+
+
+def _inputs(cfg: RunConfig, name: str) -> Any:
+    d = cfg.to_dict()
+    ft = dict(d["finetune"] or {})
+    for cosmetic in ("progress_bar", "log_every"):
+        ft.pop(cosmetic, None)
+    return {
+        "calibrate": [d["model"], d["data"]],
+        "pcn": d["pcn"],
+        "prune": d["prune"],
+        "finetune": ft,
+        "evaluate": d["evaluate"],
+        "save": d["output"]["format"],
+        "report": [d["report"], importlib.util.find_spec("matplotlib") is not None],
+        "card": d["push"]["hub_model_id"],
+        "push": d["push"],
+    }[name]
+
+
+def _load_config(config: RunConfig | str | os.PathLike | dict, overrides: dict[str, Any] | None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if overrides:
+            from .config import apply_overrides
+
+            return RunConfig.from_dict(apply_overrides(config.to_dict(), overrides))
+        return config
+    if isinstance(config, dict):
+        from .config import apply_overrides
+
+        return RunConfig.from_dict(apply_overrides(config, overrides or {}))
+    return RunConfig.from_file(config, overrides)
+
+
+def _world() -> tuple[int, Any]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, None
+    from accelerate import PartialState
+
+    from ..train import _has_device
+
+    return world, PartialState(cpu=not _has_device())
+
+
+def _say(msg: str, main: bool) -> None:
+    if main:
+        print(f"[hf-px run] {msg}", flush=True)
+
+
+def run(
+    config: RunConfig | str | os.PathLike | dict,
+    *,
+    output_dir: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> RunResult:
+    """Run load -> calibrate -> PCN -> PX -> fine-tune -> evaluate -> save -> report -> card -> push.
+
+    Args:
+        config: a :class:`RunConfig`, a dict of sections, or a YAML/JSON file path.
+        output_dir: overrides ``output.output_dir``.
+        force: redo every stage even when its folder is complete.
+        progress: progress bars for pruning and fine-tuning.
+        overrides: ``{"section.key": value}`` applied on top of the config.
+
+    Every input is checked before a model is loaded or a folder created (:class:`ConfigError`).
+
+    Example:
+        >>> result = hf_px.run("scripts/configs/tiny-smoke.yaml", output_dir="runs/smoke")  # doctest: +SKIP
+        >>> result.stages["prune"], sorted(result.metrics)                                  # doctest: +SKIP
+        ('ran', ['eval_accuracy', 'eval_loss'])
+    """
+    overrides = dict(overrides or {})
+    if output_dir is not None:
+        overrides["output.output_dir"] = str(output_dir)
+    cfg = _load_config(config, overrides)
+    plan = check_run(cfg)
+    world, state = _world()
+    is_main = state is None or state.is_main_process
+    root = Path(cfg.output.output_dir).expanduser().absolute()
+
+    def barrier() -> None:
+        if state is not None:
+            state.wait_for_everyone()
+
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(root)
+        write_json_atomic(root / RUN_MARKER, {"config": cfg.to_dict(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                              "world_size": world})
+    barrier()
+    ctx = steps.Context(cfg=cfg, plan=plan, root=root, progress=progress, is_main=is_main)
+    status: dict[str, str] = {}
+    upstream: list[str] = []
+    current = None
+    try:
+        for name in STAGE_NAMES:
+            current = name
+            if not enabled(cfg, name):
+                status[name] = "off"
+                if is_main and (root / stage_dirname(name)).exists():
+                    shutil.rmtree(root / stage_dirname(name))  # output of an earlier config: not part of this run
+                continue
+            fp = fingerprint({"stage": name, "inputs": _inputs(cfg, name), "upstream": upstream})
+            stage = Stage(root, name, fp)
+            barrier()
+            state_now = "forced" if force else stage.status()
+            if state_now == "complete":
+                _say(f"{stage.path.name}: complete, skipped (use --force to redo)", is_main)
+                status[name] = "skipped"
+            else:
+                _say(f"{stage.path.name}: running" + ("" if state_now == "missing" else f" ({state_now})"), is_main)
+                t0 = time.perf_counter()
+                _run_stage(ctx, stage, name, fp, is_main, force)
+                barrier()
+                _say(f"{stage.path.name}: done in {time.perf_counter() - t0:.1f} s", is_main)
+                status[name] = "ran"
+            ctx.stages[name] = stage
+            upstream.append(stage.content_hash())
+            if name == "report" and is_main:
+                from .summary import publish_report
+
+                publish_report(ctx)
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"\n[hf-px run] interrupted during stage {current!r}. Completed stages are kept in {root}; nothing "
+                  "half-written was left. Run the same command again to resume"
+                  + (" (fine-tuning continues from its last checkpoint)." if current == "finetune" else "."),
+                  file=sys.stderr, flush=True)
+        raise
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise RunError(f"disk full while writing stage {current!r} under {root}: free some space and run the "
+                           "same command again; completed stages are kept and nothing half-written remains.") from err
+        raise
+    report = {}
+    if (root / "report.json").exists():
+        import json
+
+        report = json.loads((root / "report.json").read_text())
+    model_dir = ctx.stage_path("card") / "model"
+    return RunResult(output_dir=root, stages=status, report=report, model_dir=model_dir if model_dir.exists() else None)
+
+
+def _run_stage(ctx: steps.Context, stage: Stage, name: str, fp: str, is_main: bool, force: bool) -> None:
+    func = getattr(steps, name)
+    if name == "finetune" and force and is_main:
+        shutil.rmtree(steps.finetune_work_dir(ctx), ignore_errors=True)
+    extra = (fp,) if name == "finetune" else ()
+    if name in DISTRIBUTED and not is_main:
+        func(ctx, None, {}, *extra)
+        return
+    if not is_main:
+        return
+    with stage.writing() as (tmp, summary):
+        func(ctx, tmp, summary, *extra)
+    if name == "finetune":
+        shutil.rmtree(steps.finetune_work_dir(ctx), ignore_errors=True)
+
+
+__all__ = ["ConfigError", "RunConfig", "RunError", "RunResult", "run"]

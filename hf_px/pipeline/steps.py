@@ -1,0 +1,275 @@
+"""The work of each pipeline stage: read the previous stages' folders, write into this stage's temp folder.
+
+Every function takes a :class:`Context` and the stage's temp folder and fills ``summary`` (which goes into the
+manifest). Model-bearing stages save a ``model/`` checkpoint that the next stage loads; nothing is passed in
+memory, so a re-run can start at any stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checks import Plan
+from .config import RunConfig
+from .stages import Stage, copy_tree, stage_dirname, write_json_atomic
+
+BATCHES_FILE = "batches.safetensors"
+MASKS_FILE = "masks.safetensors"
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    plan: Plan
+    root: Path
+    stages: dict[str, Stage] = field(default_factory=dict)  # completed or enabled stages by name
+    progress: bool = True
+    is_main: bool = True
+    _processor: Any = None
+
+    def stage_path(self, name: str) -> Path:
+        return self.root / stage_dirname(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.stages
+
+    def processor(self):
+        if self._processor is None:
+            from ..modeling import load_processor
+
+            kind = "image-classification" if self.plan.task == "image-classification" else "text"
+            self._processor = load_processor(self.plan.tokenizer_path, kind, gguf_file=self.cfg.model.gguf_file)
+            if kind == "text" and getattr(self._processor, "pad_token", "x") is None:
+                self._processor.pad_token = self._processor.eos_token
+        return self._processor
+
+    def latest_model_dir(self) -> Path | None:
+        for name in ("finetune", "prune", "pcn"):
+            if self.has(name):
+                return self.stage_path(name) / "model"
+        return None
+
+
+# ------------------------------------------------------------------------------------------ models
+def source_model(ctx: Context) -> torch.nn.Module:
+    """The starting model; a new head (or a from_config model) is initialised with data.seed."""
+    from transformers import set_seed
+
+    from ..modeling import TASKS, load_model
+
+    cfg, plan = ctx.cfg, ctx.plan
+    set_seed(cfg.data.seed)
+    classification = plan.task in ("sequence-classification", "image-classification")
+    if cfg.model.from_config is not None:
+        import transformers
+
+        fields = dict(cfg.model.from_config)
+        model_type = fields.pop("model_type")
+        tok = ctx.processor()
+        if "vocab_size" not in fields and hasattr(tok, "__len__"):
+            fields["vocab_size"] = len(tok)
+        if classification:
+            fields["num_labels"] = plan.num_labels
+        fields.setdefault("pad_token_id", getattr(tok, "pad_token_id", None))
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+        config._attn_implementation = "eager"
+        return TASKS[plan.task].from_config(config).eval()
+    return load_model(plan.model_path, plan.task, plan.num_labels if classification else None,
+                      trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle,
+                      gguf_file=cfg.model.gguf_file)
+
+
+def current_model(ctx: Context) -> torch.nn.Module:
+    folder = ctx.latest_model_dir()
+    if folder is None:
+        return source_model(ctx)
+    from ..serialization import load
+
+    return load(str(folder), trust_remote_code=ctx.cfg.model.trust_remote_code).eval()
+
+
+def save_model(model: torch.nn.Module, folder: Path, ctx: Context, masks: dict | None = None,
+               metadata: dict | None = None, format: str = "dense") -> None:
+    from ..serialization import save_pretrained
+
+    save_pretrained(model, folder, format=format, masks=masks, tokenizer=ctx.processor(), card=False,
+                    metadata=metadata)
+
+
+def save_masks(masks: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(path))
+
+
+def load_masks(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.bool() for k, v in load_file(str(path)).items()}
+
+
+def load_batches(ctx: Context) -> list[dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    flat = load_file(str(ctx.stage_path("calibrate") / BATCHES_FILE))
+    batches: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        i, name = key.split("/", 1)
+        batches.setdefault(int(i), {})[name] = value
+    return [batches[i] for i in sorted(batches)]
+
+
+# ------------------------------------------------------------------------------------------ stages
+def calibrate(ctx: Context, tmp: Path, summary: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ..data import calibration_batches
+
+    d, plan = ctx.cfg.data, ctx.plan
+    batches = calibration_batches(plan.train, ctx.processor(), per_class=d.per_class if plan.label_column else None,
+                                  num_batches=d.num_batches, batch_size=d.calibration_batch_size,
+                                  text_column=plan.text_column, label_column=plan.label_column,
+                                  image_column=plan.image_column, max_length=d.max_length, seed=d.seed)
+    flat = {f"{i}/{k}": v.contiguous() for i, b in enumerate(batches) for k, v in b.items()
+            if isinstance(v, torch.Tensor)}
+    save_file(flat, str(tmp / BATCHES_FILE))
+    counts: dict[str, int] = {}
+    for b in batches:
+        for y in b.get("labels", torch.empty(0)).tolist():
+            counts[str(y)] = counts.get(str(y), 0) + 1
+    summary.update(num_batches=len(batches), num_examples=sum(len(next(iter(b.values()))) for b in batches),
+                   class_counts=counts, dataset=d.dataset, train_examples=len(plan.train),
+                   eval_examples=len(plan.eval) if plan.eval is not None else 0)
+
+
+def pcn(ctx: Context, tmp: Path, summary: dict) -> None:
+    from ..pcn import apply_pcn
+
+    model = source_model(ctx)
+    report = apply_pcn(model, load_batches(ctx), ctx.cfg.pcn)
+    model = report.model if report.model is not None else model
+    save_model(model, tmp / "model", ctx, metadata={"pcn": report.to_dict()})
+    write_json_atomic(tmp / "pcn.json", report.to_dict())
+    summary.update(params_before=report.params_before, params_after=report.params_after,
+                   flops_before=report.flops_before, flops_after=report.flops_after)
+
+
+def prune(ctx: Context, tmp: Path, summary: dict) -> None:
+    from ..prune import prune as run_prune
+
+    model = current_model(ctx)
+    config = dataclasses.replace(ctx.cfg.prune, pcn=None)
+    result = run_prune(model, load_batches(ctx), config, tokenizer=ctx.processor(), progress=ctx.progress)
+    result.report["calibration"].update(dataset=ctx.cfg.data.dataset, per_class=ctx.cfg.data.per_class)
+    result.report["base_model"] = ctx.cfg.model.name_or_path or f"from_config:{ctx.cfg.model.from_config['model_type']}"
+    print(result.report, flush=True)
+    save_model(model, tmp / "model", ctx, masks=result.masks, metadata={"report": result.report.to_dict()})
+    save_masks(result.masks, tmp / MASKS_FILE)
+    write_json_atomic(tmp / "prune_report.json", result.report.to_dict())
+    summary.update(method=config.method, target_sparsity=config.sparsity,
+                   achieved_sparsity=result.report["achieved_sparsity"], time_s=result.report["time_s"])
+
+
+def finetune_work_dir(ctx: Context) -> Path:
+    return ctx.root / f"{stage_dirname('finetune')}.work"
+
+
+def finetune(ctx: Context, tmp: Path | None, summary: dict, fingerprint: str) -> None:
+    """Runs on every process; checkpoints go to a work folder that survives an interrupt (resume point)."""
+    from ..train import finetune as run_finetune
+
+    work = finetune_work_dir(ctx)
+    stamp = work / "fingerprint"
+    if ctx.is_main:
+        if work.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+            shutil.rmtree(work)  # checkpoints of other inputs must not be resumed
+        work.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+    _barrier()
+    resume = any((work / "checkpoints").glob("step_*")) if (work / "checkpoints").exists() else False
+    ft = ctx.cfg.finetune
+    config = dataclasses.replace(ft, output_dir=str(work), resume=resume,
+                                 save_every=ft.save_every or 100, save_total_limit=ft.save_total_limit or 2,
+                                 progress_bar=ft.progress_bar and ctx.progress,
+                                 label_column=ctx.plan.label_column or ft.label_column,
+                                 text_column=ft.text_column or ctx.plan.text_column)
+    model = current_model(ctx)
+    masks = load_masks(ctx.stage_path("prune") / MASKS_FILE) if ctx.has("prune") else {}
+    out = run_finetune(model, ctx.plan.train, ctx.plan.eval, config, tokenizer=ctx.processor(), masks=masks)
+    if not ctx.is_main:
+        return
+    shutil.move(str(work / "model"), str(tmp / "model"))
+    shutil.copy2(work / "results.json", tmp / "results.json")
+    if (work / "logs" / "metrics.jsonl").exists():
+        shutil.copy2(work / "logs" / "metrics.jsonl", tmp / "metrics.jsonl")
+    if ctx.has("prune"):
+        shutil.copy2(ctx.stage_path("prune") / MASKS_FILE, tmp / MASKS_FILE)
+    summary.update(steps=out.global_step, metrics=out.metrics, world_size=out.world_size,
+                   resumed_from=os.path.basename(out.resumed_from) if out.resumed_from else None,
+                   sparsity=out.sparsity)
+
+
+def evaluate(ctx: Context, tmp: Path | None, summary: dict) -> None:
+    from ..evaluation import evaluate as run_eval
+
+    if ctx.plan.eval is None:
+        summary.update(skipped="no evaluation split")
+        if tmp is not None:
+            write_json_atomic(tmp / "metrics.json", {})
+        return
+    metrics = run_eval(current_model(ctx), ctx.plan.eval, ctx.processor(), metrics=ctx.cfg.evaluate.metrics,
+                       batch_size=ctx.cfg.evaluate.batch_size, max_length=ctx.cfg.data.max_length,
+                       text_column=ctx.plan.text_column, label_column=ctx.plan.label_column or "label")
+    if tmp is not None:
+        write_json_atomic(tmp / "metrics.json", metrics)
+    summary.update(metrics=metrics, split=ctx.plan.eval_split, examples=len(ctx.plan.eval))
+
+
+def save(ctx: Context, tmp: Path, summary: dict) -> None:
+    from .summary import model_stats
+
+    model = current_model(ctx)
+    masks = None
+    for name in ("finetune", "prune"):
+        if ctx.has(name) and (ctx.stage_path(name) / MASKS_FILE).exists():
+            masks = load_masks(ctx.stage_path(name) / MASKS_FILE)
+            break
+    metadata = {"report": json.loads((ctx.stage_path("prune") / "prune_report.json").read_text())} \
+        if ctx.has("prune") else {}
+    save_model(model, tmp / "model", ctx, masks=masks, metadata=metadata, format=ctx.cfg.output.format)
+    summary.update(format=ctx.cfg.output.format, **model_stats(model, tmp / "model"))
+
+
+def report(ctx: Context, tmp: Path, summary: dict) -> None:
+    from .summary import write_report
+
+    summary.update(write_report(ctx, tmp))
+
+
+def card(ctx: Context, tmp: Path, summary: dict) -> None:
+    from .summary import write_card
+
+    copy_tree(ctx.stage_path("save") / "model", tmp / "model")
+    summary.update(write_card(ctx, tmp / "model"))
+
+
+def push(ctx: Context, tmp: Path, summary: dict) -> None:
+    from ..hub import push_to_hub
+
+    url = push_to_hub(str(ctx.stage_path("card") / "model"), ctx.cfg.push.hub_model_id,
+                      private=ctx.cfg.push.private)
+    write_json_atomic(tmp / "push.json", {"repo_id": ctx.cfg.push.hub_model_id, "url": url})
+    summary.update(repo_id=ctx.cfg.push.hub_model_id, url=url)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
