@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    if not result.is_main_process:
+        return 0
     summary = ", ".join(f"{k}={v}" for k, v in result.stages.items())
     print(f"[hf-px run] finished: {summary}")
     if result.metrics:

@@ -252,6 +252,9 @@ def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
         raise ConfigError(f"split {d.train_split!r} of {d.dataset!r} is empty: the calibration set would be empty; "
                           "use a split with examples.")
     causal = task == "causal-lm"
+    if causal and d.num_batches is None and (cfg.pcn is not None or cfg.prune is not None):
+        raise ConfigError("a causal LM calibrates on unlabelled text: set data.num_batches (e.g. 8) to size the "
+                          "calibration set.")
     label_col = None if causal else d.label_column
     try:
         text, label, image = resolve_columns(train, d.text_column, label_col, d.image_column)

@@ -39,6 +39,7 @@ class RunResult:
     stages: dict[str, str]
     report: dict[str, Any] = field(default_factory=dict)
     model_dir: Path | None = None
+    is_main_process: bool = True
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -197,7 +198,7 @@ def run(
 
         report = json.loads((root / "report.json").read_text())
     model_dir = ctx.stage_path("card") / "model"
-    return RunResult(output_dir=root, stages=status, report=report, model_dir=model_dir if model_dir.exists() else None)
+    return RunResult(output_dir=root, stages=status, report=report, model_dir=model_dir if model_dir.exists() else None, is_main_process=is_main)
 
 
 def _run_stage(ctx: steps.Context, stage: Stage, name: str, fp: str, is_main: bool, force: bool) -> None:

@@ -164,10 +164,12 @@ def pcn(ctx: Context, tmp: Path, summary: dict) -> None:
 
 def prune(ctx: Context, tmp: Path, summary: dict) -> None:
     from ..prune import prune as run_prune
+    from ..scoring.base import local_scoring
 
     model = current_model(ctx)
     config = dataclasses.replace(ctx.cfg.prune, pcn=None)
-    result = run_prune(model, load_batches(ctx), config, tokenizer=ctx.processor(), progress=ctx.progress)
+    with local_scoring():  # only the main process prunes; the others wait at the stage barrier
+        result = run_prune(model, load_batches(ctx), config, tokenizer=ctx.processor(), progress=ctx.progress)
     result.report["calibration"].update(dataset=ctx.cfg.data.dataset, per_class=ctx.cfg.data.per_class)
     result.report["base_model"] = ctx.cfg.model.name_or_path or f"from_config:{ctx.cfg.model.from_config['model_type']}"
     print(result.report, flush=True)

@@ -44,9 +44,27 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+_LOCAL_ONLY = [False]
+
+
+@contextmanager
+def local_scoring() -> Iterator[None]:
+    """Score with this process's batches only, even under torch.distributed (one process prunes, others wait)."""
+    before = _LOCAL_ONLY[0]
+    _LOCAL_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] = before
+
+
+def _sharded() -> bool:
+    return not _LOCAL_ONLY[0] and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes when torch.distributed is running (calibration sharded across ranks)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _sharded():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -69,7 +87,7 @@ def grads_for(model: nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Maximum over processes when torch.distributed is running."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _sharded():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
