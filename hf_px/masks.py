@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from .ranking import Ranking
 from .targets import Target
 
 
@@ -85,8 +86,8 @@ def select_masks(
     alive = {t.key: t.view(masks[t.param_name]) for t in targets}
     n_alive = {t.key: int(alive[t.key].sum()) for t in targets}
 
-    # Only alive on-path entries are ranked. They are sorted once, in float32 after dividing by the largest
-    # score (the order is what matters; scores below float32's range tie at the bottom and go first).
+    # Only alive on-path entries are ranked, in float32 after dividing by the largest score (the order is
+    # what matters; scores below float32's range tie at the bottom and go first).
     idx = [torch.nonzero(alive[t.key].flatten()).squeeze(1) for t in on]
     raw = [scores[t.key].flatten()[i].double() for t, i in zip(on, idx, strict=True)]
     top = max((float(r.max()) for r in raw if len(r)), default=1.0)
@@ -95,44 +96,36 @@ def select_masks(
     for t, r in zip(on, raw, strict=True):
         v = (r / scale).float()
         floor = min(math.ceil(min_density_ratio * density * t.numel()), n_alive[t.key])
-        if floor > 0:  # the floor entries sort first, so any cut keeps them
+        if floor > 0:  # the floor entries rank first, so any cut keeps them
             v[torch.topk(v, floor).indices] = math.inf
         vals.append(v)
-    order = torch.argsort(torch.cat(vals), descending=True)
-    n_alive_on = len(order)
+    ranking = Ranking(vals)
+    n_alive_on = ranking.n
 
     if off:
-        # a target's survivors at cut m are the entries of its group among the first m of the global order
+        # a target's survivors at cut m are the entries of its group among the top m of the global order
         group_of = {(t.block, t.role): i for i, t in enumerate(on)}
-        group_in_order = torch.cat([torch.full((len(i),), g, dtype=torch.int16) for g, i in enumerate(idx)])[order]
-        positions = [torch.nonzero(group_in_order == g).squeeze(1) for g in range(len(on))]  # ascending
         sizes = [t.numel() for t in on]
         follow_ids = [[group_of[(t.block, r)] for r in t.follows if (t.block, r) in group_of] for t in off]
 
-        def off_counts(m: int) -> list[int]:
-            kept = [int(torch.searchsorted(p, m)) for p in positions]
+        def off_counts(kept_per_group: torch.Tensor, m: int) -> list[int]:
+            kept = kept_per_group.tolist()
             counts = []
             for t, ids in zip(off, follow_ids, strict=True):
                 rho = sum(kept[i] for i in ids) / max(sum(sizes[i] for i in ids), 1) if ids else m / max(n_alive_on, 1)
                 counts.append(min(int(round(rho * t.numel())), n_alive[t.key]))
             return counts
 
-        lo, hi = 0, n_alive_on  # largest m with m + Σ off_counts(m) <= keep_total
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if mid + sum(off_counts(mid)) <= keep_total:
-                lo = mid
-            else:
-                hi = mid - 1
-        counts = off_counts(lo)
+        # largest m with m + Σ off_counts(m) <= keep_total
+        lo = ranking.largest(lambda kept, m: m + sum(off_counts(kept, m)) <= keep_total)
+        counts = off_counts(ranking.counts(lo), lo)
         m_on = min(n_alive_on, keep_total - sum(counts))
     else:
         m_on, counts = min(keep_total, n_alive_on), []
 
-    keep_alive = torch.zeros(n_alive_on, dtype=torch.bool)
-    keep_alive[order[:m_on]] = True
+    keep_alive = ranking.top(m_on)
     new = {name: torch.zeros_like(m) for name, m in masks.items()}
-    for t, i, kept in zip(on, idx, torch.split(keep_alive, [len(i) for i in idx]), strict=True):
+    for t, i, kept in zip(on, idx, keep_alive, strict=True):
         flat = torch.zeros(t.numel(), dtype=torch.bool)
         flat[i[kept]] = True
         t.view(new[t.param_name]).copy_(flat.view_as(alive[t.key]))
