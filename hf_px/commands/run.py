@@ -133,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import run as run_pipeline
     from ..pipeline.checks import check_run
 
+    if args.no_progress:  # transformers' and datasets' own bars (loading, saving, map) as well
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     try:
         overrides = overrides_from_args(args)
         if args.check:
