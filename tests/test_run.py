@@ -137,6 +137,30 @@ def test_rerun_skips_complete_stages_and_redoes_what_changed(tmp_path):
     assert set(forced.stages.values()) == {"ran", "off"}
 
 
+def test_pipeline_from_a_local_checkpoint_folder(tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from hf_px.commands.demo import minilm_path
+
+    src = tmp_path / "ckpt"
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(src)
+    tok.save_pretrained(src)
+    cfg = tiny_config(tmp_path / "run", model={"name_or_path": str(src)}, pcn=None,
+                      finetune=None, output={"output_dir": str(tmp_path / "run"), "format": "sparse"})
+    result = run_pipeline(cfg, progress=False)
+    assert result.stages["finetune"] == "off" and result.stages["prune"] == "ran"
+    size = result.report["size"]
+    assert size["before"]["file_bytes"] == (src / "model.safetensors").stat().st_size
+    assert size["after"]["file_bytes"] < size["before"]["file_bytes"]  # the sparse format packs the kept weights
+    assert size["after"]["nonzero_params"] < size["before"]["nonzero_params"]
+    reloaded = hf_px.load(str(result.model_dir))
+    zeros, total = prunable_zeros(reloaded)
+    assert abs(zeros - 0.75 * total) <= 1
+
+
 def _final_state(result) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

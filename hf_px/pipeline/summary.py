@@ -44,9 +44,13 @@ def model_stats(model: nn.Module, folder: Path | None = None, meta: bool = False
     stats: dict[str, Any] = {"params": total, "nonzero_params": nonzero, "flops_per_token": 2 * lin_nonzero,
                              "dense_flops_per_token": 2 * sum(w.numel() for w in lin)}
     if folder is not None:
-        files = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
-        stats["file_bytes"] = sum(p.stat().st_size for p in files) if files else None
+        stats["file_bytes"] = weight_file_bytes(folder)
     return stats
+
+
+def weight_file_bytes(folder: Path) -> int | None:
+    files = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
+    return sum(p.stat().st_size for p in files) if files else None
 
 
 def source_stats(ctx: Any) -> dict[str, Any]:
@@ -74,7 +78,7 @@ def source_stats(ctx: Any) -> dict[str, Any]:
     with torch.device("meta"):
         skeleton = TASKS[plan.task].from_config(config, trust_remote_code=ctx.cfg.model.trust_remote_code)
     stats = model_stats(skeleton, meta=True)
-    stats["file_bytes"] = model_stats(skeleton, folder)["file_bytes"] if folder else 4 * stats["params"]
+    stats["file_bytes"] = (weight_file_bytes(folder) if folder else None) or 4 * stats["params"]
     return stats
 
 
