@@ -3,8 +3,8 @@
 For every (dataset, seed): one dense fine-tune, and for every (method, sparsity) a fresh model pruned on the same
 calibration set (``--per-class`` examples per class of the training subset), evaluated right after pruning and
 after fine-tuning. Records are merged into ``--out`` (one per dataset/method/sparsity/seed; a rerun replaces its
-own records; the key includes lr and steps), so a grid can be filled by several short runs. Prints a mean ± std table; writes a PNG plot when
-matplotlib is importable (it is not a dependency; the plot is skipped otherwise).
+own records; the key includes lr and steps), so a grid can be filled by several short runs. Prints a mean ± std
+table and writes a PNG plot of accuracy after fine-tuning against sparsity (``--plot``).
 
 "Accuracy after prune" is a linear probe: a logistic-regression head fit on the pruned model's frozen mean-pooled
 features of ``--probe-examples`` training sentences (the task head is freshly initialised, so its own accuracy
