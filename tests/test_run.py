@@ -161,6 +161,52 @@ def test_pipeline_from_a_local_checkpoint_folder(tmp_path):
     assert abs(zeros - 0.75 * total) <= 1
 
 
+def test_causal_lm_on_a_text_file(tmp_path):
+    words = "the a cat dog sat on mat ran fast slow big small red blue".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (8,), generator=g)) for _ in range(120)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    cfg = {"model": {"from_config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2,
+                                     "n_positions": 64}, "tokenizer": "builtin:minilm", "task": "causal-lm"},
+           "data": {"dataset": str(tmp_path / "corpus.txt"), "label_column": None, "per_class": None,
+                    "num_batches": 2, "calibration_batch_size": 8, "max_length": 16, "eval_holdout": 0.2},
+           "prune": {"sparsity": 0.5, "rounds": 2},
+           "finetune": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "progress_bar": False},
+           "output": {"output_dir": str(tmp_path / "run")}}
+    result = run_pipeline(cfg, progress=False)
+    assert set(result.metrics) == {"eval_loss", "eval_perplexity"}
+    assert result.report["stages"]["evaluate"]["summary"]["examples"] == 24  # 20% of 120 held out
+    assert "text-generation" in (result.model_dir / "README.md").read_text()
+
+
+def test_vit_on_an_image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for c, mean in (("cat", 60), ("dog", 190)):
+            (tmp_path / "images" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(mean, 40, (32, 32, 3)), 0, 255).astype("uint8")
+                Image.fromarray(pixels).save(tmp_path / "images" / split / c / f"{i}.png")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "proc")
+    cfg = {"model": {"from_config": {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2,
+                                     "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32,
+                                     "patch_size": 8}, "tokenizer": str(tmp_path / "proc"),
+                     "task": "image-classification"},
+           "data": {"dataset": str(tmp_path / "images"), "per_class": 4, "calibration_batch_size": 8},
+           "pcn": {"width": 32}, "prune": {"sparsity": 0.8, "rounds": 2},
+           "finetune": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "progress_bar": False},
+           "output": {"output_dir": str(tmp_path / "run")}}
+    result = run_pipeline(cfg, progress=False)
+    assert result.report["calibration"]["num_examples"] == 8 and result.report["evaluate"]["eval_accuracy"] >= 0
+    assert result.report["prune"]["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert (result.model_dir / "preprocessor_config.json").exists()
+    assert "image-classification" in (result.model_dir / "README.md").read_text()
+
+
 def _final_state(result) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

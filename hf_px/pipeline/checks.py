@@ -246,8 +246,13 @@ def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
     if d.eval_split is not None and d.eval_split not in dd:
         raise ConfigError(f"data.eval_split {d.eval_split!r} is not in {d.dataset!r} (splits: {', '.join(dd)}).")
     eval_split = d.eval_split or next((s for s in _EVAL_SPLITS if s in dd), None)
-    train = _subset(dd[d.train_split], d.max_train_samples, d.seed)
-    evals = _subset(dd[eval_split], d.max_eval_samples, d.seed) if eval_split else None
+    train = dd[d.train_split]
+    evals = dd[eval_split] if eval_split else None
+    if evals is None and d.eval_holdout and len(train) > 1:
+        parts = train.train_test_split(test_size=d.eval_holdout, seed=d.seed)
+        train, evals, eval_split = parts["train"], parts["test"], f"{d.train_split} (held out {d.eval_holdout:g})"
+    train = _subset(train, d.max_train_samples, d.seed)
+    evals = _subset(evals, d.max_eval_samples, d.seed) if evals is not None else None
     if len(train) == 0:
         raise ConfigError(f"split {d.train_split!r} of {d.dataset!r} is empty: the calibration set would be empty; "
                           "use a split with examples.")

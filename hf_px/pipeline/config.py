@@ -86,6 +86,8 @@ class DataSection:
         dataset_config: Hub dataset configuration (e.g. sst2 for glue).
         train_split: split for calibration and fine-tuning.
         eval_split: split to evaluate on (default: the first of validation, dev, test, eval).
+        eval_holdout: when the dataset has no evaluation split, hold out this seeded fraction of the training
+            split for evaluation (e.g. 0.1 for a single text file); null: no evaluation then.
         text_column, label_column, image_column: columns (default: detected; label_column null: unlabelled).
         max_train_samples, max_eval_samples: seeded subsets of the splits.
         per_class: class-balanced calibration examples per class (the PX paper uses 10).
@@ -100,6 +102,7 @@ class DataSection:
     dataset_config: str | None = None
     train_split: str = "train"
     eval_split: str | None = None
+    eval_holdout: float | None = None
     text_column: str | None = None
     label_column: str | None = "label"
     image_column: str | None = None
@@ -120,6 +123,8 @@ class DataSection:
         for name in ("calibration_batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.eval_holdout is not None and not 0 < self.eval_holdout < 1:
+            raise ConfigError(f"data.eval_holdout must be in (0, 1), got {self.eval_holdout}.")
         if self.per_class is None and self.num_batches is None:
             raise ConfigError("data: set data.per_class (labelled data) or data.num_batches (unlabelled data) to "
                               "size the calibration set.")
