@@ -331,6 +331,8 @@ def test_unknown_keys_name_the_closest_valid_one():
         RunConfig.from_dict({"model": {"name_or_path": "x"}, "finetuning": {}})
     with pytest.raises(ConfigError, match="finetune.output_dir is set by the pipeline"):
         RunConfig.from_dict({"model": {"name_or_path": "x"}, "finetune": {"output_dir": "y"}})
+    with pytest.raises(ConfigError, match="finetune.max_length is set by the pipeline from data.max_length"):
+        RunConfig.from_dict({"model": {"name_or_path": "x"}, "finetune": {"max_length": 64}})
 
 
 def test_run_is_callable_after_importing_the_module():

@@ -199,12 +199,15 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     "data": (DataSection, ()),
     "pcn": (PCNConfig, ()),
     "prune": (PruneConfig, ("pcn", "extra")),
-    "finetune": (FinetuneConfig, ("output_dir", "resume")),
+    "finetune": (FinetuneConfig, ("output_dir", "resume", "max_length", "text_column", "label_column", "metrics")),
     "evaluate": (EvaluateSection, ()),
     "output": (OutputSection, ()),
     "push": (PushSection, ()),
     "report": (ReportSection, ()),
 }
+# keys the pipeline fills from another section, so that one value applies to every stage
+SHARED_KEYS = {"finetune.max_length": "data.max_length", "finetune.text_column": "data.text_column",
+               "finetune.label_column": "data.label_column", "finetune.metrics": "evaluate.metrics"}
 # sections that are off unless present in the file; the others get their defaults when absent
 OPTIONAL = ("pcn",)
 
@@ -259,15 +262,15 @@ def build_section(section: str, values: dict[str, Any] | None) -> Any:
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if key in owned:
-            raise ConfigError(f"{section}.{key} is set by the pipeline (it manages output folders and resuming); "
-                              "remove it from the config.")
+            where = SHARED_KEYS.get(f"{section}.{key}")
+            raise ConfigError(f"{section}.{key} is set by the pipeline"
+                              + (f" from {where}; set {where} instead." if where else
+                                 " (it manages output folders and resuming); remove it from the config."))
         if key not in names:
             raise ConfigError(f"unknown key {section}.{key}.{_suggest(key, names)}")
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"{section}.{key} must be {_type_name(hints[key])}, got {value!r} "
                               f"({type(value).__name__}).")
-    if section == "finetune" and "metrics" in values and isinstance(values["metrics"], list):
-        values["metrics"] = tuple(values["metrics"])
     if section == "finetune" and isinstance(values.get("log_with"), list):
         values["log_with"] = tuple(values["log_with"])
     if section == "finetune":

@@ -201,8 +201,9 @@ def finetune(ctx: Context, tmp: Path | None, summary: dict, fingerprint: str) ->
     config = dataclasses.replace(ft, output_dir=str(work), resume=resume,
                                  save_every=ft.save_every or 100, save_total_limit=ft.save_total_limit or 2,
                                  progress_bar=ft.progress_bar and ctx.progress,
-                                 label_column=ctx.plan.label_column or ft.label_column,
-                                 text_column=ft.text_column or ctx.plan.text_column)
+                                 label_column=ctx.plan.label_column or "label", text_column=ctx.plan.text_column,
+                                 max_length=ctx.cfg.data.max_length,
+                                 metrics=tuple(ctx.cfg.evaluate.metrics) if ctx.cfg.evaluate.metrics else None)
     model = current_model(ctx)
     masks = load_masks(ctx.stage_path("prune") / MASKS_FILE) if ctx.has("prune") else {}
     out = run_finetune(model, ctx.plan.train, ctx.plan.eval, config, tokenizer=ctx.processor(), masks=masks)
