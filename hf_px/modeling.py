@@ -52,7 +52,11 @@ def check_model_source(name_or_path: str, allow_pickle: bool = False) -> None:
 
 def infer_task(name_or_path: str, **kwargs: Any) -> str:
     """Guess the task from ``config.architectures`` (falls back to sequence classification)."""
-    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    return task_from_config(AutoConfig.from_pretrained(name_or_path, **kwargs))
+
+
+def task_from_config(config: Any) -> str:
+    """The task a transformers config was saved for (``architectures``; vision configs -> image classification)."""
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" in archs or "LMHead" in archs:
         return "causal-lm"

@@ -88,15 +88,6 @@ def _task_class(task: str):
             "causal-lm": transformers.AutoModelForCausalLM}[task]
 
 
-def _infer_task(config: Any) -> str:
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in archs or "LMHead" in archs:
-        return "causal-lm"
-    if "ImageClassification" in archs or getattr(config, "model_type", "") == "vit":
-        return "image-classification"
-    return "sequence-classification"
-
-
 def _read_config(folder: Path, trust_remote_code: bool):
     import transformers
 
@@ -187,7 +178,7 @@ def check_model(cfg: RunConfig) -> tuple[str | None, str, Any]:
         if _local(path):
             raise ConfigError(f"model.name_or_path {path!r} does not exist; pass a checkpoint folder or a Hub id.")
         return path, m.task, None  # a Hub id: checked when it is downloaded
-    from ..modeling import check_model_source
+    from ..modeling import check_model_source, task_from_config
 
     try:
         check_model_source(str(folder), allow_pickle=m.allow_pickle)
@@ -199,7 +190,7 @@ def check_model(cfg: RunConfig) -> tuple[str | None, str, Any]:
         return str(folder), m.task, None
     config = _read_config(folder, m.trust_remote_code)
     _check_weights_match(folder, config, m.trust_remote_code)
-    task = m.task if m.task != "auto" else _infer_task(config)
+    task = m.task if m.task != "auto" else task_from_config(config)
     return str(folder), task, config
 
 
