@@ -120,7 +120,7 @@ def test_synflow_conservation_and_no_mutation():
 
 def test_wanda_matches_manual_column_norms_on_mlp():
     model, batches = _mlp(), _mlp_batches()
-    scores = get_scorer("wanda").score(_ctx(model, batches))
+    scores = get_scorer("wanda").score(_ctx(model, batches, wanda_per_row=False))  # raw |W|·‖X‖
     x = torch.cat([b[0] for b in batches])
     h1 = torch.relu(model[0](x))
     h2 = torch.relu(model[2](h1))
@@ -132,7 +132,7 @@ def test_wanda_matches_manual_column_norms_on_mlp():
 def test_wanda_excludes_padding_and_matches_hidden_states_on_bert():
     model = tiny("bert")
     batches = tiny_batches(model)
-    scores = get_scorer("wanda").score(_ctx(model, batches))
+    scores = get_scorer("wanda").score(_ctx(model, batches, wanda_per_row=False))  # raw |W|·‖X‖
     sq = 0
     for b in batches:  # the query layer of block 0 reads hidden_states[0] (the embeddings' output)
         hs = model(**{k: v for k, v in b.items() if k != "labels"}, output_hidden_states=True).hidden_states[0]
@@ -143,13 +143,13 @@ def test_wanda_excludes_padding_and_matches_hidden_states_on_bert():
     # the ids under padding are invisible to the scores
     changed = [dict(b) for b in batches]
     changed[0]["input_ids"] = changed[0]["input_ids"].masked_fill(changed[0]["attention_mask"] == 0, 42)
-    for k, v in get_scorer("wanda").score(_ctx(model, changed)).items():
+    for k, v in get_scorer("wanda").score(_ctx(model, changed, wanda_per_row=False)).items():
         torch.testing.assert_close(v, scores[k])
 
 
 def test_wanda_gpt2_conv1d_feature_axis_is_the_first():
     model = tiny("gpt2")
-    ctx = _ctx(model, tiny_batches(model))
+    ctx = _ctx(model, tiny_batches(model), wanda_per_row=False)
     scores = get_scorer("wanda").score(ctx)
     for t in ctx.targets:  # Conv1D weight (in, out): S/|W| depends on the row (input feature) only
         ratio = scores[t.key] / t.view(t.param).detach().double().abs()
@@ -159,15 +159,15 @@ def test_wanda_gpt2_conv1d_feature_axis_is_the_first():
 
 def test_wanda_per_row_gives_each_row_the_target_density():
     model = tiny("bert")
-    cfg = hf_px.PruneConfig(method="wanda", sparsity=0.5, rounds=1, min_density_ratio=0.0,
-                            extra={"wanda_per_row": True})
+    cfg = hf_px.PruneConfig(method="wanda", sparsity=0.5, rounds=1, min_density_ratio=0.0)  # per row by default
     result = hf_px.prune(model, tiny_batches(model), cfg, progress=False)
     rows = torch.cat([m.float().mean(dim=1) for m in result.masks.values()])
     assert (rows - 0.5).abs().max() <= 1 / 32 + 1e-6  # at most one weight per row off (rows of 32 or 64)
     glob = hf_px.prune(tiny("bert"), tiny_batches(tiny("bert")), hf_px.PruneConfig(
-        method="wanda", sparsity=0.5, rounds=1, min_density_ratio=0.0), progress=False)
+        method="wanda", sparsity=0.5, rounds=1, min_density_ratio=0.0, extra={"wanda_per_row": False}),
+        progress=False)
     rows_glob = torch.cat([m.float().mean(dim=1) for m in glob.masks.values()])
-    assert rows_glob.std() > rows.std()  # the global default does not balance rows
+    assert rows_glob.std() > rows.std()  # the global option does not balance rows
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit"])

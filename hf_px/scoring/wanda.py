@@ -4,10 +4,10 @@ One no-grad pass over the calibration batches with forward pre-hooks on the targ
 (padded tokens excluded through the batch's ``attention_mask``). GPT-2's ``Conv1D`` stores W as (in, out), so
 its feature axis is 0. Conv2d (plain networks) uses the per-input-channel norm over positions.
 
-The paper compares weights within each output row. ``PruneConfig(extra={"wanda_per_row": True})`` approximates
-that under the loop's global threshold by scoring each alive weight with its rank inside its row divided by the
-row's alive count: every row then loses about the same fraction, up to ties across rows (exact per-row sparsity
-is approximated, not guaranteed). The default is the global ranking of |W|·‖X‖.
+The paper compares weights within each output row, and so does the default here: under the loop's global
+threshold each alive weight is scored by its rank inside its row divided by the row's alive count, so every row
+loses about the same fraction, up to ties across rows (exact per-row sparsity is approximated, not guaranteed).
+``PruneConfig(extra={"wanda_per_row": False})`` ranks |W|·‖X‖ globally instead.
 """
 
 from __future__ import annotations
@@ -87,15 +87,15 @@ def _row_ranks(scores: torch.Tensor, alive: torch.Tensor, row_dim: int) -> torch
 
 @register_scorer
 class WandaScorer(Scorer):
-    """Wanda: |W|·‖X_j‖₂ per input feature from one calibration pass; global threshold (per-row as an option)."""
+    """Wanda: |W|·‖X_j‖₂ per input feature from one calibration pass; per output row (global as an option)."""
 
     method = "wanda"
-    description = "|W|·‖X_j‖₂ per input feature (Wanda, Sun et al. 2024); extra wanda_per_row for per-row"
+    description = "|W|·‖X_j‖₂ per input feature, ranked per output row (Wanda, Sun et al. 2024); extra wanda_per_row=False: global"
 
     def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         norms = {k: v.sqrt() for k, v in input_sq_norms(ctx).items()}
         owner = {id(m.weight): m for m in ctx.model.modules() if id(getattr(m, "weight", None)) in norms}
-        per_row = bool(ctx.config.extra.get("wanda_per_row", False))
+        per_row = bool(ctx.config.extra.get("wanda_per_row", True))
         out = {}
         for t in ctx.targets:
             module = owner[id(t.param)]
