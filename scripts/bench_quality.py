@@ -158,6 +158,31 @@ def summary_rows(records: list[dict]) -> list[list]:
     return rows
 
 
+def pivot_tables(records: list[dict], key: str = "accuracy_after_finetune") -> str:
+    """One table per (dataset, lr, steps): methods as rows, sparsities as columns, mean (± std over seeds) of ``key``."""
+    out = []
+    setups = sorted({(r["dataset"], r.get("lr"), r.get("steps")) for r in records}, key=str)
+    for ds, lr, steps in setups:
+        rs = [r for r in records if (r["dataset"], r.get("lr"), r.get("steps")) == (ds, lr, steps)]
+        sparsities = sorted({float(r["sparsity"]) for r in rs if r["method"] != "dense"})
+        methods = sorted({r["method"] for r in rs}, key=lambda m: (m != "dense", m != "px", m))
+        rows = []
+        for m in methods:
+            row = [m]
+            for sp in ([0.0] if m == "dense" else []) + ([] if m == "dense" else sparsities):
+                vals = [100 * r[key] for r in rs if r["method"] == m and float(r["sparsity"]) == sp]
+                n = len(vals)
+                cell = "-" if not n else f"{statistics.mean(vals):.1f}" + (
+                    f" ± {statistics.stdev(vals):.1f} (n={n})" if n > 1 else "")
+                row.append(cell)
+            if m == "dense":
+                row += [row[1]] * (len(sparsities) - 1)
+            rows.append(row)
+        out.append(f"{ds} (lr {lr}, {steps} steps): {key}\n"
+                   + format_table(["method", *[f"{sp:.0%}" for sp in sparsities]], rows))
+    return "\n\n".join(out)
+
+
 def plot(records: list[dict], path: Path) -> str:
     try:
         import matplotlib
@@ -237,6 +262,10 @@ def main() -> None:
     print(format_table(["dataset", "lr", "steps", "method", "sparsity", "seeds", "after prune (probe) %", "after fine-tune %"],
                        summary_rows(records)))
     if records:
+        print()
+        print(pivot_tables(records))
+        print()
+        print(pivot_tables(records, "accuracy_after_prune"))
         print(plot(records, Path(args.plot)))
 
 
