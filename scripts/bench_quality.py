@@ -97,13 +97,17 @@ def run_one(args, dataset: str, method: str, sparsity: float, seed: int, tok, tr
     model = load_model(minilm_path(), "sequence-classification", num_labels=n_labels)
     record = {"dataset": dataset, "method": method, "sparsity": sparsity, "seed": seed,
               "train_size": len(train), "eval_size": len(ev), "steps": args.steps, "rounds": args.rounds,
-              "lr": args.lr, "batch_size": args.batch_size, "per_class": args.per_class}
+              "lr": args.lr, "batch_size": args.batch_size, "per_class": args.per_class,
+              "min_density_ratio": args.min_density_ratio}
     masks = None
     if method != "dense":
         batches = calibration_batches(train, tok, per_class=args.per_class, batch_size=16,
                                       max_length=args.max_length, seed=seed)
-        result = hf_px.prune(model, batches, hf_px.PruneConfig(method=method, sparsity=sparsity, rounds=args.rounds,
-                                                               seed=seed), progress=False)
+        # "wanda-global": wanda with one global ranking instead of the paper's per-row ranking
+        name, extra = ("wanda", {"wanda_per_row": False}) if method == "wanda-global" else (method, {})
+        result = hf_px.prune(model, batches, hf_px.PruneConfig(method=name, sparsity=sparsity, rounds=args.rounds,
+                                                               seed=seed, min_density_ratio=args.min_density_ratio,
+                                                               extra=extra), progress=False)
         masks = result.masks
         record.update(achieved_sparsity=result.report["achieved_sparsity"], prune_time_s=result.report["time_s"])
     probe = train.shuffle(seed=1).select(range(min(args.probe_examples, len(train))))
@@ -216,7 +220,8 @@ def plot(records: list[dict], path: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="rt", help=f"comma list of {', '.join(DATASETS)} or any load_dataset_any name")
-    p.add_argument("--methods", default="px,magnitude,snip", help="comma list of pruning methods")
+    p.add_argument("--methods", default="px,magnitude,snip",
+                   help="comma list of pruning methods (plus wanda-global: wanda ranked globally, not per row)")
     p.add_argument("--sparsities", default="0.8", help="comma list, e.g. 0.5,0.8,0.9,0.95")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
     p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tune")
@@ -226,6 +231,8 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=10, help="calibration examples per class")
     p.add_argument("--rounds", type=int, default=10, help="pruning rounds (the same for every method)")
     p.add_argument("--steps", type=int, default=150, help="fine-tune optimizer steps")
+    p.add_argument("--min-density-ratio", type=float, default=0.1,
+                   help="layer-collapse floor passed to PruneConfig (default 0.1, the library default)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--max-length", type=int, default=64)
