@@ -52,8 +52,9 @@ def resolve_builtin(name: str | None) -> str | None:
 
 
 def _local(name: str) -> bool:
-    return os.path.exists(os.path.expanduser(name)) or os.path.isabs(name) or name.startswith((".", "~")) \
-        or name.count("/") > 1 or name.endswith("/")
+    from ..modeling import _looks_local
+
+    return os.path.exists(os.path.expanduser(name)) or _looks_local(name)
 
 
 def check_output_dir(path: str) -> Path:

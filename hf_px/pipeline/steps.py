@@ -59,6 +59,23 @@ class Context:
 
 
 # ------------------------------------------------------------------------------------------ models
+def random_init_config(ctx: Context):
+    """The transformers config of a ``model.from_config`` model (vocab from the tokenizer, labels from the data)."""
+    import transformers
+
+    fields = dict(ctx.cfg.model.from_config)
+    model_type = fields.pop("model_type")
+    tok = ctx.processor()
+    if "vocab_size" not in fields and hasattr(tok, "__len__"):
+        fields["vocab_size"] = len(tok)
+    if ctx.plan.task in ("sequence-classification", "image-classification"):
+        fields["num_labels"] = ctx.plan.num_labels
+    fields.setdefault("pad_token_id", getattr(tok, "pad_token_id", None))
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    config._attn_implementation = "eager"
+    return config
+
+
 def source_model(ctx: Context) -> torch.nn.Module:
     """The starting model; a new head (or a from_config model) is initialised with data.seed."""
     from transformers import set_seed
@@ -67,21 +84,9 @@ def source_model(ctx: Context) -> torch.nn.Module:
 
     cfg, plan = ctx.cfg, ctx.plan
     set_seed(cfg.data.seed)
-    classification = plan.task in ("sequence-classification", "image-classification")
     if cfg.model.from_config is not None:
-        import transformers
-
-        fields = dict(cfg.model.from_config)
-        model_type = fields.pop("model_type")
-        tok = ctx.processor()
-        if "vocab_size" not in fields and hasattr(tok, "__len__"):
-            fields["vocab_size"] = len(tok)
-        if classification:
-            fields["num_labels"] = plan.num_labels
-        fields.setdefault("pad_token_id", getattr(tok, "pad_token_id", None))
-        config = transformers.AutoConfig.for_model(model_type, **fields)
-        config._attn_implementation = "eager"
-        return TASKS[plan.task].from_config(config).eval()
+        return TASKS[plan.task].from_config(random_init_config(ctx)).eval()
+    classification = plan.task in ("sequence-classification", "image-classification")
     return load_model(plan.model_path, plan.task, plan.num_labels if classification else None,
                       trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle,
                       gguf_file=cfg.model.gguf_file)

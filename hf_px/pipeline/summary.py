@@ -58,23 +58,18 @@ def source_stats(ctx: Any) -> dict[str, Any]:
     import transformers
 
     from ..modeling import TASKS
+    from .steps import random_init_config
 
     plan = ctx.plan
-    classification = plan.task in ("sequence-classification", "image-classification")
     if ctx.cfg.model.from_config is not None:
-        fields = dict(ctx.cfg.model.from_config)
-        model_type = fields.pop("model_type")
-        tok = ctx.processor()
-        fields.setdefault("vocab_size", len(tok)) if hasattr(tok, "__len__") else None
-        config = transformers.AutoConfig.for_model(model_type, **fields)
-        folder = None
+        config, folder = random_init_config(ctx), None
     else:
         config = transformers.AutoConfig.from_pretrained(plan.model_path,
                                                          trust_remote_code=ctx.cfg.model.trust_remote_code,
                                                          gguf_file=ctx.cfg.model.gguf_file)
         folder = Path(plan.model_path) if Path(plan.model_path).is_dir() else None
-    if classification:
-        config.num_labels = plan.num_labels
+        if plan.task in ("sequence-classification", "image-classification"):
+            config.num_labels = plan.num_labels
     with torch.device("meta"):
         skeleton = TASKS[plan.task].from_config(config, trust_remote_code=ctx.cfg.model.trust_remote_code)
     stats = model_stats(skeleton, meta=True)
