@@ -19,6 +19,9 @@ class PruneConfig:
         a_gate: A-pass gate for smooth activations: ``secant`` (g = φ(z)/z, reproduces the forward pass) or
             ``bound`` (G = max(|φ(z)/z|, |φ'(z)|), certifies the trace bound).
         hutchinson_probes: Rademacher probes per batch for the NTK-diagonal scores.
+        b_length: PX on encoders: sequence length of the B pass, which sets how much attention (token-route) paths
+            count against skip and MLP paths. ``None``: the calibration set's mean real length, every token route
+            counted once (px.md §8.3); ``1``: no token-route factor.
         rescale: divide the residual stream by a fixed constant at every block boundary in the A pass
             (``None``: hidden_size * max(hidden_size, intermediate_size)); keeps float64 from overflowing.
         min_density_ratio: layer-collapse guard: every prunable matrix keeps at least this fraction of the round's
@@ -39,6 +42,7 @@ class PruneConfig:
     qk_score: str = "ntk_diag"
     a_gate: str = "secant"
     hutchinson_probes: int = 1
+    b_length: int | None = None
     rescale: float | None = None
     min_density_ratio: float = 0.1
     generic: bool = False
@@ -66,6 +70,8 @@ class PruneConfig:
             raise ValueError(f"a_gate must be 'secant' or 'bound', got {self.a_gate!r}.")
         if self.hutchinson_probes < 1:
             raise ValueError(f"hutchinson_probes must be >= 1, got {self.hutchinson_probes}.")
+        if self.b_length is not None and (not isinstance(self.b_length, int) or self.b_length < 1):
+            raise ValueError(f"b_length must be an integer >= 1 or None (the mean real length), got {self.b_length!r}.")
         if not 0.0 <= self.min_density_ratio <= 1.0:
             raise ValueError(f"min_density_ratio must be in [0, 1], got {self.min_density_ratio}.")
         if self.rescale is not None and not self.rescale > 0:

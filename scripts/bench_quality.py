@@ -37,6 +37,11 @@ from hf_px.report import format_table
 
 DATASETS = {"sst2": "/work/shared/data/sst2", "rt": "builtin:rotten_tomatoes", "tweets": "builtin:tweets"}
 EVAL_SPLITS = ("dev", "validation", "test")
+# benchmark-only method names: a method with non-default PruneConfig options
+VARIANTS = {
+    "wanda-global": ("wanda", {"extra": {"wanda_per_row": False}}),  # one global ranking, not the paper's per row
+    "px-b1": ("px", {"b_length": 1}),  # PX without the token-route factor of the B pass (px.md 8.3)
+}
 
 
 def load_splits(name: str, train_size: int, eval_size: int | None):
@@ -103,11 +108,10 @@ def run_one(args, dataset: str, method: str, sparsity: float, seed: int, tok, tr
     if method != "dense":
         batches = calibration_batches(train, tok, per_class=args.per_class, batch_size=16,
                                       max_length=args.max_length, seed=seed)
-        # "wanda-global": wanda with one global ranking instead of the paper's per-row ranking
-        name, extra = ("wanda", {"wanda_per_row": False}) if method == "wanda-global" else (method, {})
+        name, options = VARIANTS.get(method, (method, {}))
         result = hf_px.prune(model, batches, hf_px.PruneConfig(method=name, sparsity=sparsity, rounds=args.rounds,
                                                                seed=seed, min_density_ratio=args.min_density_ratio,
-                                                               extra=extra), progress=False)
+                                                               **options), progress=False)
         masks = result.masks
         record.update(achieved_sparsity=result.report["achieved_sparsity"], prune_time_s=result.report["time_s"])
     probe = train.shuffle(seed=1).select(range(min(args.probe_examples, len(train))))
@@ -221,7 +225,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="rt", help=f"comma list of {', '.join(DATASETS)} or any load_dataset_any name")
     p.add_argument("--methods", default="px,magnitude,snip",
-                   help="comma list of pruning methods (plus wanda-global: wanda ranked globally, not per row)")
+                   help="comma list of pruning methods, plus the variants wanda-global (wanda ranked globally, not "
+                   "per row) and px-b1 (PX with b_length=1: no token-route factor in the B pass)")
     p.add_argument("--sparsities", default="0.8", help="comma list, e.g. 0.5,0.8,0.9,0.95")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
     p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tune")

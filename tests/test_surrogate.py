@@ -91,3 +91,31 @@ def test_scores_are_nonnegative_and_finite_for_deep_stacks():
     assert r == r and abs(r) != float("inf")
     for s in scores.values():
         assert torch.isfinite(s).all() and (s >= 0).all()
+
+
+def test_b_length_sets_the_weight_of_attention_paths():
+    """Default B length = the mean real length (77 tokens / 8 rows -> 10); length 1 drops the token-route factor,
+    so attention (V/O) paths lose score share against the MLP paths."""
+    model = tiny("bert")
+    targets = collect_targets(model)
+    on = [t for t in targets if t.on_path]
+    batches = tiny_batches(model)
+
+    def share(b_length):
+        scores, _ = transformer_scores(model, targets, init_masks(targets), batches, qk_score="magnitude",
+                                       b_length=b_length)
+        attn = sum(float(scores[t.key].sum()) for t in on if t.role in ("v", "o"))
+        return scores, attn / sum(float(scores[t.key].sum()) for t in on)
+
+    default, share_default = share(None)
+    ten, _ = share(10)
+    _, share_one = share(1)
+    for t in on:
+        assert torch.equal(default[t.key], ten[t.key]), t.key
+    assert {t.role for t in on} >= {"v", "o"}
+    assert share_one < 0.9 * share_default
+
+
+def test_b_length_is_validated():
+    with pytest.raises(ValueError, match="b_length"):
+        hf_px.PruneConfig(b_length=0)

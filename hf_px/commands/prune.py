@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="PX: how Q/K (off-path) are ranked inside their block (default: ntk_diag).")
     g.add_argument("--a-gate", default="secant", choices=["secant", "bound"],
                    help="PX: data-side gate for smooth activations (default: secant).")
+    g.add_argument("--b-length", type=int, default=None,
+                   help="PX on encoders: B-pass length, the weight of attention paths against skip/MLP paths "
+                   "(default: the calibration set's mean real length; 1: no token-route factor).")
     g.add_argument("--min-density-ratio", type=float, default=0.1,
                    help="layer-collapse guard: each matrix keeps >= ratio x round density (0 disables; default 0.1).")
     g.add_argument("--generic", action="store_true",
@@ -139,7 +142,7 @@ def pcn_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     config = PruneConfig(pcn=pcn_config(args), method=args.method, sparsity=args.sparsity, rounds=args.rounds, qk_score=args.qk_score,
-                         a_gate=args.a_gate, min_density_ratio=args.min_density_ratio, generic=args.generic,
+                         a_gate=args.a_gate, b_length=args.b_length, min_density_ratio=args.min_density_ratio, generic=args.generic,
                          seed=args.seed)
     check_output_dir(args.output_dir, args.overwrite)
     check_push_args(args)

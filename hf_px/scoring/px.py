@@ -151,7 +151,7 @@ def build_run(model: nn.Module, a_gate: str = "secant", rescale: float | None = 
 
 def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, batches: list, *,
                        qk_score: str = "ntk_diag", a_gate: str = "secant", rescale: float | None = None,
-                       probes: int = 1, generator: torch.Generator | None = None,
+                       probes: int = 1, b_length: int | None = None, generator: torch.Generator | None = None,
                        cache: dict | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """PX with the gated-linear surrogate on a registered transformer; returns (scores, R)."""
     run, head = build_run(model, a_gate=a_gate, rescale=rescale)
@@ -202,7 +202,7 @@ def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, bat
             lengths = all_reduce_sum(lengths)
 
             with run.use("B"), torch.enable_grad():
-                b_inputs = _b_inputs(example, head.pooling, a_bar, lengths)
+                b_inputs = _b_inputs(example, head.pooling, a_bar, lengths, b_length)
                 hidden_b = functional_call(base, params_b, (), b_inputs)[0]
                 out_b = run_head(head, pool(head, hidden_b, {}, None), "B")
                 r = (a_bar * out_b[0]).sum()
@@ -237,12 +237,15 @@ def _add_padded(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return _pad_rows(total, rows) + _pad_rows(part, rows)
 
 
-def _b_inputs(example: dict, pooling: str, a_bar: torch.Tensor, lengths: torch.Tensor) -> dict:
-    """Inputs of the B pass: one sequence of the typical real length (the LM's full length)."""
+def _b_inputs(example: dict, pooling: str, a_bar: torch.Tensor, lengths: torch.Tensor,
+              b_length: int | None = None) -> dict:
+    """Inputs of the B pass: one sequence of ``b_length`` or the typical real length (the LM's full length)."""
     if "input_ids" not in example:
         return {k: torch.zeros_like(v[:1]) for k, v in example.items() if torch.is_tensor(v)}
     if pooling == "none":
         length = a_bar.shape[0]
+    elif b_length is not None:
+        length = b_length
     elif lengths[1] > 0:
         length = max(1, int(round(float(lengths[0] / lengths[1]))))
     else:
@@ -274,7 +277,8 @@ class PXScorer(Scorer):
         else:
             scores, r = transformer_scores(
                 ctx.model, ctx.targets, ctx.masks, ctx.batches, qk_score=cfg.qk_score, a_gate=cfg.a_gate,
-                rescale=cfg.rescale, probes=cfg.hutchinson_probes, generator=ctx.generator, cache=self._cache,
+                rescale=cfg.rescale, probes=cfg.hutchinson_probes, b_length=cfg.b_length,
+                generator=ctx.generator, cache=self._cache,
             )
         self.last_r = r
         return scores
