@@ -98,6 +98,17 @@ def test_prune_cli_refuses_non_empty_output_dir(tiny_ckpt, csv_data, tmp_path, c
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_prune_cli_refuses_unwritable_output_dir(tiny_ckpt, csv_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    targets = [blocker / "sub" / "out"] + ([Path("/proc/hf-px-test-out")] if Path("/proc").is_dir() else [])
+    for out in targets:  # /proc refuses writes even for root, whom os.access would let through
+        rc = main(["prune", "--model", str(tiny_ckpt), "--dataset", str(csv_data), "--output-dir", str(out)])
+        assert rc == 2
+        assert "cannot be written" in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_prune_cli_refuses_pickle_checkpoints(tmp_path, csv_data, capsys):
     ckpt = tmp_path / "pickled"
     ckpt.mkdir()

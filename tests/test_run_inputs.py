@@ -172,10 +172,10 @@ def test_output_dir_not_writable(setup, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     cfg["output"]["output_dir"] = str(blocker / "out")
-    refused(cfg, "cannot be created: .* is a file", blocker / "out")
+    refused(cfg, "cannot be written .* is a file", blocker / "out")
     if Path("/proc").is_dir():  # writes fail there even for root, which os.access would let through
         cfg["output"]["output_dir"] = "/proc/hf-px-test-out"
-        refused(cfg, "is not writable", Path("/proc/hf-px-test-out"))
+        refused(cfg, "cannot be written", Path("/proc/hf-px-test-out"))
 
 
 def test_output_dir_with_someone_elses_files(setup):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..config import PruneConfig
+from ..folders import unwritable_reason
 from ..scoring import SCORERS
 
 EPILOG = """examples:
@@ -121,11 +121,9 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         raise ValueError(f"--output-dir {out} is a file; pass a folder path.")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or choose a new folder.")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"--output-dir {out} is not writable (no write permission on {parent}).")
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise PermissionError(f"--output-dir {out} cannot be written ({reason}); choose a folder you can write to.")
 
 
 def pcn_config(args: argparse.Namespace):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..folders import unwritable_reason
 from .config import ConfigError, RunConfig
 
 RUN_MARKER = "run.json"
@@ -65,18 +65,9 @@ def check_output_dir(path: str) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
         raise ConfigError(f"output.output_dir {out} is not empty and holds no hf-px run ({RUN_MARKER}); choose an "
                           "empty or new folder so nothing of yours is overwritten.")
-    probe_dir = out
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise ConfigError(f"output.output_dir {out} cannot be created: {probe_dir} is a file, not a folder.")
-    try:  # os.access says yes to root even on read-only mounts: try a real write
-        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".hf-px-write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ConfigError(f"output.output_dir {out} is not writable ({err.strerror or err} in {probe_dir}); "
-                          "choose a folder you can write to.") from err
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise ConfigError(f"output.output_dir {out} cannot be written ({reason}); choose a folder you can write to.")
     return out
 
 
