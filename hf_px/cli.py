@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -28,9 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_flags_error(parser: argparse.ArgumentParser, command: str | None, extras: list[str]) -> str:
+    """argparse's "unrecognized arguments" message, plus the closest flag of the sub-command for each misspelling."""
+    options = [o for a in parser._actions for o in a.option_strings]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            options += [o for a in action.choices[command]._actions for o in a.option_strings]
+    hints = []
+    for word in extras:
+        flag = word.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6) if flag.startswith("--") else []
+        if close:
+            hints.append(f"{close[0]} instead of {flag}")
+    return f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean {', '.join(hints)}?" if hints else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.error(_unknown_flags_error(parser, getattr(args, "command", None), extras))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

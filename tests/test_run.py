@@ -335,6 +335,21 @@ def test_unknown_keys_name_the_closest_valid_one():
         RunConfig.from_dict({"model": {"name_or_path": "x"}, "finetune": {"max_length": 64}})
 
 
+def test_misspelt_flags_name_the_closest_valid_one(tmp_path, capsys):
+    from hf_px.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path / "never")))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(path), "--check", "--prune.sparsty", "0.8", "--finetune.learnin_rate=1e-4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --prune.sparsty 0.8 --finetune.learnin_rate=1e-4" in err
+    assert "--prune.sparsity instead of --prune.sparsty" in err
+    assert "--finetune.learning_rate instead of --finetune.learnin_rate" in err
+    assert not (tmp_path / "never").exists()
+
+
 def test_run_is_callable_after_importing_the_module():
     import importlib
 
