@@ -1,5 +1,7 @@
 """``hf_px.evaluate``: loss and ``evaluate`` metrics of a model on a dataset, on 1 or N processes.
 
+The fine-tuning loop runs the same evaluation pass (:func:`evaluate_model`).
+
 Example:
     >>> import datasets
     >>> from transformers import BertConfig, BertForSequenceClassification
@@ -13,12 +15,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import train_utils as U
+from .train_data import make_collate, prepare_dataset, task_of
 
 
 def evaluate(
@@ -42,12 +45,86 @@ def evaluate(
     config = FinetuneConfig(batch_size=batch_size, max_length=max_length, text_column=text_column,
                             label_column=label_column, progress_bar=False, metrics=metrics)
     accelerator = accelerator or _make_accelerator(config)
-    task = U.task_of(model)
+    task = task_of(model)
     names = tuple(metrics) if metrics else (("perplexity",) if task == "causal_lm" else ("accuracy",))
-    ds = U.prepare_dataset(dataset, tokenizer, config, task, "eval")
+    ds = prepare_dataset(dataset, tokenizer, config, task, "eval")
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
-                                         collate_fn=U.make_collate(tokenizer, model, task))
+                                         collate_fn=make_collate(tokenizer, model, task))
     prepared, loader = accelerator.prepare(model, loader)
     num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
-    result = U.evaluate_model(accelerator, prepared, loader, task, U.load_metrics(names, accelerator), num_labels)
+    result = evaluate_model(accelerator, prepared, loader, task, load_metrics(names, accelerator), num_labels)
+    return result
+
+
+def load_metrics(names: tuple[str, ...], accelerator: Any) -> dict[str, Any]:
+    from .metrics import load_metric
+
+    out = {}
+    with accelerator.main_process_first():  # the first load copies the script into the modules cache
+        for name in names:
+            out[name] = load_metric(name, keep_in_memory=True)
+    return out
+
+
+def _compute(metric: Any, name: str, num_labels: int, **kwargs: Any) -> dict[str, float]:
+    if name == "f1" and num_labels > 2:
+        kwargs["average"] = "macro"
+    return {k: float(v) for k, v in metric.compute(**kwargs).items()}
+
+
+@torch.no_grad()
+def evaluate_model(accelerator: Any, model: nn.Module, loader: Any, task: str, metrics: dict[str, Any],
+                   num_labels: int = 0) -> dict[str, float]:
+    """Loss and metrics over the whole evaluation set, gathered across processes (duplicates dropped)."""
+    was_training = model.training
+    model.eval()
+    losses, preds, refs, nll, ntok = [], [], [], [], []
+    for batch in loader:
+        with accelerator.autocast():
+            out = model(**batch)
+        logits = out.logits.float()
+        labels = batch["labels"]
+        if task == "causal_lm":
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            tok = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
+                                                    ignore_index=-100, reduction="none")
+            valid = shift_labels != -100
+            seq = torch.stack([(tok * valid).sum(1).double(), valid.sum(1).double()], dim=1)
+            seq = accelerator.gather_for_metrics(seq)
+            nll.append(seq[:, 0].cpu())
+            ntok.append(seq[:, 1].cpu())
+            continue
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1),
+                                                 ignore_index=-100, reduction="none").view(labels.shape[0], -1)
+        pred = logits.argmax(-1)
+        if labels.dim() > 1:  # per-token labels: ranks may have padded to different widths
+            pred = accelerator.pad_across_processes(pred, dim=1, pad_index=0)
+            loss = accelerator.pad_across_processes(loss, dim=1, pad_index=0)
+            labels = accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
+        pred_g, lab_g, loss_g = accelerator.gather_for_metrics((pred, labels, loss))
+        keep = lab_g != -100
+        preds.append(pred_g[keep].cpu())
+        refs.append(lab_g[keep].cpu())
+        losses.append(loss_g[keep].cpu())
+    model.train(was_training)
+    result: dict[str, float] = {}
+    if task == "causal_lm":
+        total_nll, total_tok = torch.cat(nll), torch.cat(ntok)
+        result["eval_loss"] = float(total_nll.sum() / total_tok.sum().clamp(min=1))
+        for name, metric in metrics.items():
+            kw = {"nll_sum": total_nll.tolist(), "num_tokens": total_tok.long().tolist()} if name == "perplexity" \
+                else None
+            if kw is None:
+                raise ValueError(f"metric {name!r} does not apply to a causal LM; use metrics=('perplexity',).")
+            result.update({f"eval_{k}": v for k, v in _compute(metric, name, 0, **kw).items() if k != "loss"})
+        return result
+    p, r = torch.cat(preds), torch.cat(refs)
+    result["eval_loss"] = float(torch.cat(losses).mean()) if len(p) else math.nan
+    if len(p):
+        num_labels = max(num_labels, int(max(int(p.max()), int(r.max())) + 1))
+    for name, metric in metrics.items():
+        if name == "perplexity":
+            raise ValueError("perplexity applies to causal LMs only; use accuracy or f1 for classification.")
+        result.update({f"eval_{k}": v for k, v in
+                       _compute(metric, name, num_labels, predictions=p.tolist(), references=r.tolist()).items()})
     return result

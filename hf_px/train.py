@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import train_utils as U
+from . import evaluation, fixed_masks, optim, train_data, train_outputs
 
 _PRECISIONS = (None, "no", "fp16", "bf16")
 _LOGGERS = ("jsonl", "tensorboard")
@@ -253,8 +253,8 @@ def finetune(
     from accelerate.utils import set_seed
 
     model, result_masks, tokenizer = _unpack(model_or_result, tokenizer)
-    masks = U.resolve_masks(model, result_masks, masks)
-    task = U.task_of(model)
+    masks = fixed_masks.resolve_masks(model, result_masks, masks)
+    task = train_data.task_of(model)
     metric_names = config.metrics or (("perplexity",) if task == "causal_lm" else ("accuracy",))
     own_accelerator = accelerator is None
     if own_accelerator:
@@ -274,10 +274,10 @@ def finetune(
     train_masks = {n: id_to_mask[id(p)] for n, p in model.named_parameters() if id(p) in id_to_mask}
 
     with accelerator.main_process_first():
-        train_ds = U.prepare_dataset(train_dataset, tokenizer, config, task, "train")
-        eval_ds = U.prepare_dataset(eval_dataset, tokenizer, config, task, "eval") if eval_dataset is not None \
+        train_ds = train_data.prepare_dataset(train_dataset, tokenizer, config, task, "train")
+        eval_ds = train_data.prepare_dataset(eval_dataset, tokenizer, config, task, "eval") if eval_dataset is not None \
             else None
-    collate = U.make_collate(tokenizer, model, task)
+    collate = train_data.make_collate(tokenizer, model, task)
     # a private generator: creating a data iterator must not draw from the global RNG that dropout uses,
     # or a resumed run (which creates its iterator mid-epoch) would see different dropout masks
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
@@ -286,7 +286,7 @@ def finetune(
     if eval_ds is not None:
         eval_dl = torch.utils.data.DataLoader(eval_ds, batch_size=config.eval_batch_size or config.batch_size,
                                               shuffle=False, collate_fn=collate)
-    optimizer = torch.optim.AdamW(U.param_groups(model, config.weight_decay), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(optim.param_groups(model, config.weight_decay), lr=config.learning_rate)
     if eval_dl is not None:
         model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     else:
@@ -298,33 +298,33 @@ def finetune(
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     # not prepared: Accelerate's scheduler wrapper would step once per process
-    scheduler = U.linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    scheduler = optim.linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    pairs = U.bind_masks(model, train_masks)
-    U.reapply_masks(pairs)
+    pairs = fixed_masks.bind_masks(model, train_masks)
+    fixed_masks.reapply_masks(pairs)
 
     out_dir = config.output_dir
     ckpt_root = os.path.join(out_dir, "checkpoints") if out_dir else None
-    logger = U.JsonlLogger(os.path.join(out_dir, "logs", "metrics.jsonl")
+    logger = train_outputs.JsonlLogger(os.path.join(out_dir, "logs", "metrics.jsonl")
                            if out_dir and accelerator.is_main_process and "jsonl" in config.log_with else None)
     if own_accelerator and accelerator.log_with:
         accelerator.init_trackers("hf_px_finetune", config={k: str(v) for k, v in config.to_dict().items()})
-    metrics = U.load_metrics(metric_names, accelerator) if eval_dl is not None else {}
+    metrics = evaluation.load_metrics(metric_names, accelerator) if eval_dl is not None else {}
     num_labels = int(getattr(getattr(accelerator.unwrap_model(model), "config", None), "num_labels", 0) or 0)
 
     global_step, start_epoch, skip, history, resumed_from = 0, 0, 0, [], None
     if config.resume:
-        resumed_from = U.latest_checkpoint(ckpt_root)
+        resumed_from = train_outputs.latest_checkpoint(ckpt_root)
         if resumed_from is None:
             warnings.warn(f"resume=True but {ckpt_root} holds no complete checkpoint; starting from step 0.",
                           stacklevel=2)
         else:
-            state, saved_masks = U.load_checkpoint_meta(resumed_from)
+            state, saved_masks = train_outputs.load_checkpoint_meta(resumed_from)
             if set(saved_masks) != set(masks) or any(not torch.equal(saved_masks[n], masks[n]) for n in masks):
                 raise ValueError(f"the masks of {resumed_from} differ from this model's masks: resume with the same "
                                  "pruned model, or start a fresh run (resume=False or another output_dir).")
             accelerator.load_state(resumed_from)
-            U.reapply_masks(pairs)
+            fixed_masks.reapply_masks(pairs)
             global_step, start_epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
             if state.get("total_steps", total_steps) != total_steps:
                 warnings.warn(f"{resumed_from} was written by a run of {state['total_steps']} steps, this one has "
@@ -349,7 +349,7 @@ def finetune(
     last_eval = [-1]
 
     def run_eval() -> dict[str, float]:
-        res = U.evaluate_model(accelerator, model, eval_dl, task, metrics, num_labels)
+        res = evaluation.evaluate_model(accelerator, model, eval_dl, task, metrics, num_labels)
         log_record({"step": global_step, "event": "eval", **res})
         last_eval[0] = global_step
         return res
@@ -368,7 +368,7 @@ def finetune(
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    U.zero_masked_grads(pairs)
+                    fixed_masks.zero_masked_grads(pairs)
                     if config.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
@@ -379,7 +379,7 @@ def finetune(
             samples += batch["labels"].shape[0] if "labels" in batch else config.batch_size
             if not accelerator.sync_gradients:
                 continue
-            U.reapply_masks(pairs)  # every process, after every step: pruned weights are exactly zero
+            fixed_masks.reapply_masks(pairs)  # every process, after every step: pruned weights are exactly zero
             scheduler.step()
             global_step += 1
             bar.update(1)
@@ -396,7 +396,7 @@ def finetune(
             if ckpt_root and config.save_every and global_step % config.save_every == 0:
                 state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batch_in_epoch,
                          "history": history, "total_steps": total_steps}
-                U.save_checkpoint(accelerator, ckpt_root, global_step, state, masks, config.save_total_limit)
+                train_outputs.save_checkpoint(accelerator, ckpt_root, global_step, state, masks, config.save_total_limit)
             if on_step is not None:
                 on_step(global_step, record)
             if global_step >= total_steps:
@@ -413,7 +413,7 @@ def finetune(
         model = merge_lora(model)
     # unmerged adapters keep peft's parameter names: the plain-model check does not apply
     final_model_masks = {} if config.peft and not config.merge_lora else masks
-    sparsity = U.check_sparsity(model, final_model_masks, kept_before, total_masked)
+    sparsity = fixed_masks.check_sparsity(model, final_model_masks, kept_before, total_masked)
     output = FinetuneOutput(
         model=model, metrics=final_metrics, history=history, global_step=global_step, sparsity=sparsity,
         world_size=accelerator.num_processes, resumed_from=resumed_from, output_dir=out_dir,
@@ -422,7 +422,7 @@ def finetune(
                 "distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision},
     )
     if out_dir:
-        U.save_outputs(accelerator, output, config, masks if final_model_masks else None, tokenizer)
+        train_outputs.save_outputs(accelerator, output, config, masks if final_model_masks else None, tokenizer)
     if own_accelerator and accelerator.log_with:
         accelerator.end_training()
     return output

@@ -214,7 +214,7 @@ def _final_state(result) -> dict[str, torch.Tensor]:
 
 
 def test_interrupted_fine_tuning_resumes_to_the_same_result(tmp_path, monkeypatch):
-    import hf_px.train_utils as U
+    import hf_px.train_outputs as U
 
     reference = run_pipeline(tiny_config(tmp_path / "ref"), progress=False)
     out = tmp_path / "run"

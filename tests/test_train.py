@@ -18,7 +18,7 @@ from tiny_models import VOCAB, tiny
 from hf_px.masks import apply_masks
 from hf_px.targets import collect_targets
 from hf_px.train import FinetuneConfig, finetune
-from hf_px.train_utils import latest_checkpoint
+from hf_px.train_outputs import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "plot", "the", "a", "was", "is", "very"]
