@@ -191,6 +191,37 @@ def pivot_tables(records: list[dict], key: str = "accuracy_after_finetune") -> s
     return "\n\n".join(out)
 
 
+def markdown_table(records: list[dict], key: str = "accuracy_after_finetune") -> str:
+    """Methods as rows, (dataset, sparsity) as columns; mean ± std over seeds, ``(n=k)`` where a cell has fewer
+    seeds than the most complete one. Bold: the best pruning method of each column (dense excluded)."""
+    datasets = sorted({r["dataset"] for r in records}, key=lambda d: (d not in DATASETS, list(DATASETS).index(d)
+                                                                      if d in DATASETS else 0, d))
+    sparsities = sorted({float(r["sparsity"]) for r in records if r["method"] != "dense"})
+    methods = sorted({r["method"] for r in records}, key=lambda m: (m != "dense", m != "px", m))
+    cells: dict[tuple, list[float]] = {}
+    for r in records:
+        cells.setdefault((r["method"], r["dataset"], float(r["sparsity"])), []).append(100 * r[key])
+    n_max = max(len(v) for v in cells.values())
+    columns = [(d, sp) for d in datasets for sp in sparsities]
+    best = {c: max((statistics.mean(cells[(m, *c)]) for m in methods if m != "dense" and (m, *c) in cells),
+                   default=None) for c in columns}
+    lines = ["| method | " + " | ".join(f"{d} {sp:.0%}" for d, sp in columns) + " |",
+             "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+    for m in methods:
+        row = []
+        for d, sp in columns:
+            vals = cells.get((m, d, 0.0 if m == "dense" else sp))
+            if not vals:
+                row.append("-")
+                continue
+            mean = statistics.mean(vals)
+            text = f"{mean:.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+            text += f" (n={len(vals)})" if len(vals) < n_max else ""
+            row.append(f"**{text}**" if m != "dense" and mean == best[(d, sp)] else text)
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot(records: list[dict], path: Path) -> str:
     try:
         import matplotlib
@@ -246,6 +277,8 @@ def main() -> None:
     p.add_argument("--out", default="results/quality.json")
     p.add_argument("--plot", default="results/quality.png")
     p.add_argument("--summary-only", action="store_true", help="print the table and plot from --out, run nothing")
+    p.add_argument("--markdown", action="store_true",
+                   help="also print the after-fine-tune and after-prune tables as Markdown (the README's tables)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,6 +311,9 @@ def main() -> None:
         print(pivot_tables(records))
         print()
         print(pivot_tables(records, "accuracy_after_prune"))
+        if args.markdown:
+            for key in ("accuracy_after_finetune", "accuracy_after_prune"):
+                print(f"\n{key} (%):\n" + markdown_table(records, key))
         print(plot(records, Path(args.plot)))
 
 

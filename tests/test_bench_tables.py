@@ -1,0 +1,34 @@
+"""The result tables of scripts/bench_quality.py (the README's tables are printed by it)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rec(method, sparsity, seed, acc, dataset="rt"):
+    return {"dataset": dataset, "method": method, "sparsity": sparsity, "seed": seed, "lr": 2e-4, "steps": 150,
+            "accuracy_after_prune": 0.5, "accuracy_after_finetune": acc}
+
+
+def test_markdown_table_means_stds_seed_counts_and_best():
+    records = [_rec("dense", 0.0, s, a) for s, a in [(0, 0.80), (1, 0.82)]]
+    records += [_rec("px", 0.8, s, a) for s, a in [(0, 0.70), (1, 0.74)]]
+    records += [_rec("snip", 0.8, 0, 0.75), _rec("snip", 0.9, 0, 0.60), _rec("px", 0.9, 0, 0.65)]
+    lines = _bench().markdown_table(records).splitlines()
+    assert lines[0] == "| method | rt 80% | rt 90% |"
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    assert list(rows) == ["dense", "px", "snip"]
+    assert rows["dense"] == "| dense | 81.0 ± 1.4 | 81.0 ± 1.4 |"
+    # px: mean 72.0 of two seeds; snip has one seed (marked) and wins at 80%, px wins at 90%
+    assert rows["px"] == "| px | 72.0 ± 2.8 | **65.0 (n=1)** |"
+    assert rows["snip"] == "| snip | **75.0 (n=1)** | 60.0 (n=1) |"
