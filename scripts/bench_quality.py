@@ -277,6 +277,9 @@ def main() -> None:
     p.add_argument("--out", default="results/quality.json")
     p.add_argument("--plot", default="results/quality.png")
     p.add_argument("--summary-only", action="store_true", help="print the table and plot from --out, run nothing")
+    p.add_argument("--merge", default="", metavar="FILES",
+                   help="comma list of record files (e.g. from parallel shards, each with its own --out) merged into "
+                   "--out first; a record of the same dataset/method/sparsity/seed/lr/steps replaces the older one")
     p.add_argument("--markdown", action="store_true",
                    help="also print the after-fine-tune and after-prune tables as Markdown (the README's tables)")
     args = p.parse_args()
@@ -284,6 +287,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     records = load_records(out)
+    for extra in [Path(f) for f in args.merge.split(",") if f]:
+        if not extra.exists():
+            raise SystemExit(f"--merge: {extra} does not exist")
+        incoming = load_records(extra)
+        keys = {_key(r) for r in incoming}
+        records = [r for r in records if _key(r) not in keys] + incoming
+        save_records(out, records)
+        print(f"merged {len(incoming)} records from {extra} into {out}")
     if not args.summary_only:
         tok = load_processor(minilm_path())
         methods = [m for m in args.methods.split(",") if m]
