@@ -36,7 +36,7 @@ def __getattr__(name: str):
         "load_dataset_any": ("data", "load_dataset_any"),
         "load": ("serialization", "load"),
         "finetune": ("train", "finetune"),
-        "FinetuneConfig": ("train", "FinetuneConfig"),
+        "FinetuneConfig": ("config", "FinetuneConfig"),
         "PCNConfig": ("pcn", "PCNConfig"),
         "apply_pcn": ("pcn", "apply_pcn"),
         "PCNReport": ("pcn", "PCNReport"),

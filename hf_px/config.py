@@ -86,3 +86,118 @@ class PruneConfig:
         if self.pcn is not None and hasattr(self.pcn, "to_dict"):
             out["pcn"] = self.pcn.to_dict()
         return out
+
+
+_PRECISIONS = (None, "no", "fp16", "bf16")
+_LOGGERS = ("jsonl", "tensorboard")
+
+
+@dataclass
+class FinetuneConfig:
+    """How to fine-tune.
+
+    Args:
+        epochs: passes over the training data.
+        max_steps: total optimizer steps; when set it overrides ``epochs`` (the data are cycled as needed).
+        learning_rate, weight_decay: AdamW settings (no decay on biases and norm weights).
+        batch_size: examples per process per micro-batch; ``eval_batch_size`` defaults to it.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        warmup_ratio: fraction of the steps with linear warm-up; then linear decay to 0.
+        max_grad_norm: gradient clipping (None: off).
+        seed: seeds weights of new heads, dropout and the data order (reproducible across resumes).
+        mixed_precision: None picks bf16/fp16 on a GPU that supports it, else "no" (a launch config's
+            ``mixed_precision`` is respected); "fp16" needs a GPU.
+        eval_every, save_every, log_every: in optimizer steps (None: evaluate at the end only / no checkpoints).
+        save_total_limit: keep only the latest N checkpoints.
+        output_dir: where checkpoints (``checkpoints/step_N``), logs (``logs/metrics.jsonl``), the final model
+            (``model/``) and ``results.json`` go.
+        resume: continue from the latest complete checkpoint in ``output_dir/checkpoints``.
+        peft: None (train all weights) or "lora" (adapters on the prunable matrices, masked delta).
+        lora_r, lora_alpha, lora_dropout: LoRA settings; ``merge_lora`` returns the merged plain model.
+        metrics: metric names or script paths for ``hf_px.metrics.load_metric``; None: accuracy for
+            classification, perplexity for causal LMs.
+        max_length, text_column, label_column: how raw datasets are tokenized.
+        log_with: "jsonl" (always written when ``output_dir`` is set) and/or "tensorboard" (if installed).
+        progress_bar: tqdm bar on the main process.
+
+    Example:
+        >>> FinetuneConfig(epochs=3, peft="lora").lora_r
+        8
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    eval_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    mixed_precision: str | None = None
+    eval_every: int | None = None
+    save_every: int | None = None
+    log_every: int = 10
+    save_total_limit: int | None = None
+    output_dir: str | None = None
+    resume: bool = False
+    peft: str | None = None
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    merge_lora: bool = True
+    metrics: tuple[str, ...] | None = None
+    max_length: int = 128
+    text_column: str | None = None
+    label_column: str = "label"
+    log_with: tuple[str, ...] = ("jsonl",)
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1{' or None' if allow_none else ''}, got {v!r}.")
+
+        positive_int("epochs")
+        positive_int("batch_size")
+        positive_int("gradient_accumulation_steps")
+        positive_int("log_every")
+        positive_int("lora_r")
+        positive_int("max_length")
+        for name in ("max_steps", "eval_every", "save_every", "save_total_limit", "eval_batch_size"):
+            positive_int(name, allow_none=True)
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}.")
+        if self.mixed_precision not in _PRECISIONS:
+            raise ValueError(f"mixed_precision must be None, 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+        if self.peft not in (None, "lora"):
+            raise ValueError(f"peft must be None or 'lora', got {self.peft!r}.")
+        if isinstance(self.metrics, str):
+            self.metrics = (self.metrics,)
+        if self.metrics is not None:
+            self.metrics = tuple(self.metrics)
+        if isinstance(self.log_with, str):
+            self.log_with = (self.log_with,)
+        self.log_with = tuple(self.log_with)
+        bad = [x for x in self.log_with if x not in _LOGGERS]
+        if bad:
+            raise ValueError(f"unknown log_with entries {bad}; choose from {', '.join(_LOGGERS)}.")
+        if self.save_every and not self.output_dir:
+            raise ValueError("save_every needs output_dir (checkpoints go to output_dir/checkpoints/step_N).")
+        if self.resume and not self.output_dir:
+            raise ValueError("resume=True needs output_dir, the folder of the interrupted run.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
