@@ -32,3 +32,38 @@ def test_markdown_table_means_stds_seed_counts_and_best():
     # px: mean 72.0 of two seeds; snip has one seed (marked) and wins at 80%, px wins at 90%
     assert rows["px"] == "| px | 72.0 ± 2.8 | **65.0 (n=1)** |"
     assert rows["snip"] == "| snip | **75.0 (n=1)** | 60.0 (n=1) |"
+
+
+def test_allocation_groups_kept_fractions_by_role_and_block():
+    import sys
+
+    import torch
+    from tiny_models import tiny
+
+    from hf_px.masks import init_masks
+    from hf_px.targets import collect_targets
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_allocation", SCRIPT.parent / "bench_allocation.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    model = tiny("bert")
+    targets = collect_targets(model)
+    masks = init_masks(targets)
+    for t in targets:
+        if t.role == "ffn_in" and t.block == 0:
+            masks[t.key] = torch.zeros_like(masks[t.key])
+        if t.role == "q":
+            masks[t.key].view(-1)[: masks[t.key].numel() // 4] = False
+    out = module.allocation(masks, model)
+    n_blocks = len({t.block for t in targets})
+    assert out["by_role"]["q"] == 0.75
+    assert out["by_role"]["ffn_in"] == (n_blocks - 1) / n_blocks
+    assert out["by_role"]["v"] == 1.0
+    block0 = [t for t in targets if t.block == 0]
+    total = sum(masks[t.key].numel() for t in block0)
+    kept = sum(int(masks[t.key].sum()) for t in block0)
+    assert out["by_block"]["0"] == kept / total < 1.0
