@@ -192,34 +192,37 @@ def pivot_tables(records: list[dict], key: str = "accuracy_after_finetune") -> s
 
 
 def markdown_table(records: list[dict], key: str = "accuracy_after_finetune") -> str:
-    """Methods as rows, (dataset, sparsity) as columns; mean ± std over seeds, ``(n=k)`` where a cell has fewer
-    seeds than the most complete one. Bold: the best pruning method of each column (dense excluded)."""
-    datasets = sorted({r["dataset"] for r in records}, key=lambda d: (d not in DATASETS, list(DATASETS).index(d)
-                                                                      if d in DATASETS else 0, d))
-    sparsities = sorted({float(r["sparsity"]) for r in records if r["method"] != "dense"})
+    """One Markdown table per dataset: methods as rows, sparsities as columns; mean ± std over seeds, ``(n=k)``
+    where a cell has fewer seeds than the most complete one. Bold: the best pruning method of each column."""
+    order = list(DATASETS)
+    datasets = sorted({r["dataset"] for r in records}, key=lambda d: (order.index(d) if d in order else len(order), d))
     methods = sorted({r["method"] for r in records}, key=lambda m: (m != "dense", m != "px", m))
     cells: dict[tuple, list[float]] = {}
     for r in records:
         cells.setdefault((r["method"], r["dataset"], float(r["sparsity"])), []).append(100 * r[key])
     n_max = max(len(v) for v in cells.values())
-    columns = [(d, sp) for d in datasets for sp in sparsities]
-    best = {c: max((statistics.mean(cells[(m, *c)]) for m in methods if m != "dense" and (m, *c) in cells),
-                   default=None) for c in columns}
-    lines = ["| method | " + " | ".join(f"{d} {sp:.0%}" for d, sp in columns) + " |",
-             "| --- | " + " | ".join("---:" for _ in columns) + " |"]
-    for m in methods:
-        row = []
-        for d, sp in columns:
-            vals = cells.get((m, d, 0.0 if m == "dense" else sp))
-            if not vals:
-                row.append("-")
-                continue
-            mean = statistics.mean(vals)
-            text = f"{mean:.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
-            text += f" (n={len(vals)})" if len(vals) < n_max else ""
-            row.append(f"**{text}**" if m != "dense" and mean == best[(d, sp)] else text)
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    tables = []
+    for d in datasets:
+        sparsities = sorted({sp for m, ds, sp in cells if ds == d and m != "dense"})
+        best = {sp: max((statistics.mean(cells[(m, d, sp)]) for m in methods if m != "dense" and (m, d, sp) in cells),
+                        default=None) for sp in sparsities}
+        lines = [f"**{d}**", "", "| method | " + " | ".join(f"{sp:.0%}" for sp in sparsities) + " |",
+                 "| --- | " + " | ".join("---:" for _ in sparsities) + " |"]
+        for m in methods:
+            row = []
+            for sp in sparsities:
+                vals = cells.get((m, d, 0.0 if m == "dense" else sp))
+                if not vals:
+                    row.append("-")
+                    continue
+                mean = statistics.mean(vals)
+                text = f"{mean:.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+                text += f" (n={len(vals)})" if len(vals) < n_max else ""
+                row.append(f"**{text}**" if m != "dense" and mean == best[sp] else text)
+            if any(c != "-" for c in row):
+                lines.append(f"| {m} | " + " | ".join(row) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def plot(records: list[dict], path: Path) -> str:

@@ -24,8 +24,11 @@ def test_markdown_table_means_stds_seed_counts_and_best():
     records = [_rec("dense", 0.0, s, a) for s, a in [(0, 0.80), (1, 0.82)]]
     records += [_rec("px", 0.8, s, a) for s, a in [(0, 0.70), (1, 0.74)]]
     records += [_rec("snip", 0.8, 0, 0.75), _rec("snip", 0.9, 0, 0.60), _rec("px", 0.9, 0, 0.65)]
-    lines = _bench().markdown_table(records).splitlines()
-    assert lines[0] == "| method | rt 80% | rt 90% |"
+    records.append(_rec("px", 0.8, 0, 0.9, dataset="sst2"))
+    tables = _bench().markdown_table(records).split("\n\n**")
+    assert [t.splitlines()[0].strip("*") for t in tables] == ["sst2", "rt"]  # the DATASETS order
+    lines = tables[1].splitlines()[2:]
+    assert lines[0] == "| method | 80% | 90% |"
     rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
     assert list(rows) == ["dense", "px", "snip"]
     assert rows["dense"] == "| dense | 81.0 ± 1.4 | 81.0 ± 1.4 |"
