@@ -235,7 +235,9 @@ def plot(records: list[dict], path: Path) -> str:
         return "matplotlib is not installed: plot skipped (pip install matplotlib to get it)."
     label = lambda r: f"{r['dataset']} lr={r.get('lr')} steps={r.get('steps')}"  # noqa: E731
     datasets = sorted({label(r) for r in records})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    # one colour per method in every panel; PX drawn thicker
+    colours = {m: f"C{i % 10}" for i, m in enumerate(sorted({r["method"] for r in records} - {"dense"}))}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4.5), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
         for method in sorted({r["method"] for r in records if label(r) == ds}):
             pts: dict[float, list[float]] = {}
@@ -247,9 +249,10 @@ def plot(records: list[dict], path: Path) -> str:
                 ax.axhline(statistics.mean(pts[xs[0]]), color="k", ls="--", label="dense")
                 continue
             ax.errorbar(xs, [statistics.mean(pts[x]) for x in xs],
-                        [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs], marker="o", label=method)
+                        [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs], marker="o", label=method,
+                        color=colours[method], linewidth=2.5 if method == "px" else 1.2, capsize=2)
         ax.set(title=ds, xlabel="sparsity", ylabel="accuracy after fine-tune (%)")
-        ax.legend()
+        ax.legend(fontsize="small", loc="lower left", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     return f"plot: {path}"
