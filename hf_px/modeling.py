@@ -22,6 +22,7 @@ TASKS = {
     "causal-lm": AutoModelForCausalLM,
     "features": AutoModel,
 }
+CLASSIFICATION_TASKS = ("sequence-classification", "image-classification")  # the tasks with a num_labels head
 
 
 def _looks_local(name: str) -> bool:
@@ -88,7 +89,7 @@ def load_model(
         task = infer_task(name_or_path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of auto, {', '.join(TASKS)}.")
-    if num_labels is not None and task in ("sequence-classification", "image-classification"):
+    if num_labels is not None and task in CLASSIFICATION_TASKS:
         kwargs["num_labels"] = num_labels
         existing = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
         if existing.num_labels != num_labels and any("ForSequenceClassification" in a or "ForImageClassification" in a

@@ -63,12 +63,14 @@ def random_init_config(ctx: Context):
     """The transformers config of a ``model.from_config`` model (vocab from the tokenizer, labels from the data)."""
     import transformers
 
+    from ..modeling import CLASSIFICATION_TASKS
+
     fields = dict(ctx.cfg.model.from_config)
     model_type = fields.pop("model_type")
     tok = ctx.processor()
     if "vocab_size" not in fields and hasattr(tok, "__len__"):
         fields["vocab_size"] = len(tok)
-    if ctx.plan.task in ("sequence-classification", "image-classification"):
+    if ctx.plan.task in CLASSIFICATION_TASKS:
         fields["num_labels"] = ctx.plan.num_labels
     fields.setdefault("pad_token_id", getattr(tok, "pad_token_id", None))
     config = transformers.AutoConfig.for_model(model_type, **fields)
@@ -86,8 +88,7 @@ def source_model(ctx: Context) -> torch.nn.Module:
     set_seed(cfg.data.seed)
     if cfg.model.from_config is not None:
         return TASKS[plan.task].from_config(random_init_config(ctx)).eval()
-    classification = plan.task in ("sequence-classification", "image-classification")
-    return load_model(plan.model_path, plan.task, plan.num_labels if classification else None,
+    return load_model(plan.model_path, plan.task, plan.num_labels,  # ignored for tasks without a label head
                       trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle,
                       gguf_file=cfg.model.gguf_file)
 

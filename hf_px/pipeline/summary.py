@@ -57,7 +57,7 @@ def source_stats(ctx: Any) -> dict[str, Any]:
     """Stats of the starting checkpoint from a meta-device skeleton (no weights read)."""
     import transformers
 
-    from ..modeling import TASKS
+    from ..modeling import CLASSIFICATION_TASKS, TASKS
     from .steps import random_init_config
 
     plan = ctx.plan
@@ -68,7 +68,7 @@ def source_stats(ctx: Any) -> dict[str, Any]:
                                                          trust_remote_code=ctx.cfg.model.trust_remote_code,
                                                          gguf_file=ctx.cfg.model.gguf_file)
         folder = Path(plan.model_path) if Path(plan.model_path).is_dir() else None
-        if plan.task in ("sequence-classification", "image-classification"):
+        if plan.task in CLASSIFICATION_TASKS:
             config.num_labels = plan.num_labels
     with torch.device("meta"):
         skeleton = TASKS[plan.task].from_config(config, trust_remote_code=ctx.cfg.model.trust_remote_code)
