@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import torch
-from bench_quality import VARIANTS, load_splits
+from bench_quality import load_splits, prune_config
 
 import hf_px
 from hf_px.commands.demo import minilm_path
@@ -61,9 +61,8 @@ def main() -> None:
     for method in [m for m in args.methods.split(",") if m]:
         torch.manual_seed(args.seed)
         model = load_model(minilm_path(), "sequence-classification", num_labels=n_labels)
-        name, options = VARIANTS.get(method, (method, {}))
-        result = hf_px.prune(model, batches, hf_px.PruneConfig(method=name, sparsity=args.sparsity, rounds=args.rounds,
-                                                               seed=args.seed, **options), progress=False)
+        result = hf_px.prune(model, batches, prune_config(method, sparsity=args.sparsity, rounds=args.rounds,
+                                                          seed=args.seed), progress=False)
         records.append({"dataset": args.dataset, "method": method, "sparsity": args.sparsity, "seed": args.seed,
                         "rounds": args.rounds, **allocation(result.masks, model)})
     for key in ("by_role", "by_block"):

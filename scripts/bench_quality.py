@@ -3,7 +3,8 @@
 For every (dataset, seed): one dense fine-tune, and for every (method, sparsity) a fresh model pruned on the same
 calibration set (``--per-class`` examples per class of the training subset), evaluated right after pruning and
 after fine-tuning. Records are merged into ``--out`` (one per dataset/method/sparsity/seed; a rerun replaces its
-own records; the key includes lr and steps), so a grid can be filled by several short runs. Prints a mean ± std
+own records; the key includes lr, steps and the layer floor; keep runs with another --min-density-ratio in their
+own --out, as the tables do not separate them), so a grid can be filled by several short runs. Prints a mean ± std
 table and writes a PNG plot of accuracy after fine-tuning against sparsity (``--plot``).
 
 "Accuracy after prune" is a linear probe: a logistic-regression head fit on the pruned model's frozen mean-pooled
@@ -42,6 +43,12 @@ VARIANTS = {
     "wanda-global": ("wanda", {"extra": {"wanda_per_row": False}}),  # one global ranking, not the paper's per row
     "px-b1": ("px", {"b_length": 1}),  # PX without the token-route factor of the B pass (px.md 8.3)
 }
+
+
+def prune_config(method: str, **kwargs) -> hf_px.PruneConfig:
+    """The PruneConfig of a method name or of a benchmark variant (``VARIANTS``)."""
+    name, options = VARIANTS.get(method, (method, {}))
+    return hf_px.PruneConfig(method=name, **kwargs, **options)
 
 
 def load_splits(name: str, train_size: int, eval_size: int | None):
@@ -108,10 +115,8 @@ def run_one(args, dataset: str, method: str, sparsity: float, seed: int, tok, tr
     if method != "dense":
         batches = calibration_batches(train, tok, per_class=args.per_class, batch_size=16,
                                       max_length=args.max_length, seed=seed)
-        name, options = VARIANTS.get(method, (method, {}))
-        result = hf_px.prune(model, batches, hf_px.PruneConfig(method=name, sparsity=sparsity, rounds=args.rounds,
-                                                               seed=seed, min_density_ratio=args.min_density_ratio,
-                                                               **options), progress=False)
+        result = hf_px.prune(model, batches, prune_config(method, sparsity=sparsity, rounds=args.rounds, seed=seed,
+                                                          min_density_ratio=args.min_density_ratio), progress=False)
         masks = result.masks
         record.update(achieved_sparsity=result.report["achieved_sparsity"], prune_time_s=result.report["time_s"])
     probe = train.shuffle(seed=1).select(range(min(args.probe_examples, len(train))))
@@ -146,7 +151,15 @@ def save_records(path: Path, records: list[dict]) -> None:
 
 
 def _key(r: dict) -> tuple:
-    return (r["dataset"], r["method"], float(r["sparsity"]), int(r["seed"]), r.get("lr"), r.get("steps"))
+    # records from before --min-density-ratio existed ran with the library default, 0.1
+    return (r["dataset"], r["method"], float(r["sparsity"]), int(r["seed"]), r.get("lr"), r.get("steps"),
+            float(r.get("min_density_ratio", 0.1)))
+
+
+def replace_records(records: list[dict], new: list[dict]) -> list[dict]:
+    """``records`` with ``new`` added; a new record replaces an old one of the same key."""
+    keys = {_key(r) for r in new}
+    return [r for r in records if _key(r) not in keys] + new
 
 
 def summary_rows(records: list[dict]) -> list[list]:
@@ -285,7 +298,7 @@ def main() -> None:
     p.add_argument("--summary-only", action="store_true", help="print the table and plot from --out, run nothing")
     p.add_argument("--merge", default="", metavar="FILES",
                    help="comma list of record files (e.g. from parallel shards, each with its own --out) merged into "
-                   "--out first; a record of the same dataset/method/sparsity/seed/lr/steps replaces the older one")
+                   "--out first; a record of the same dataset/method/sparsity/seed/lr/steps/min-density-ratio replaces the older one")
     p.add_argument("--markdown", action="store_true",
                    help="also print the after-fine-tune and after-prune tables as Markdown (the README's tables)")
     args = p.parse_args()
@@ -297,8 +310,7 @@ def main() -> None:
         if not extra.exists():
             raise SystemExit(f"--merge: {extra} does not exist")
         incoming = load_records(extra)
-        keys = {_key(r) for r in incoming}
-        records = [r for r in records if _key(r) not in keys] + incoming
+        records = replace_records(records, incoming)
         save_records(out, records)
         print(f"merged {len(incoming)} records from {extra} into {out}")
     if not args.summary_only:
@@ -316,7 +328,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     rec = run_one(args, dataset, method, sparsity, seed, tok, train, ev)
                     rec["wall_s"] = time.perf_counter() - t0
-                    records = [r for r in records if _key(r) != _key(rec)] + [rec]
+                    records = replace_records(records, [rec])
                     save_records(out, records)
                     print(f"{dataset} {method} {sparsity} seed {seed}: after prune (probe) "
                           f"{rec['accuracy_after_prune']:.4f}, after fine-tune {rec['accuracy_after_finetune']:.4f} "

@@ -70,3 +70,13 @@ def test_allocation_groups_kept_fractions_by_role_and_block():
     total = sum(masks[t.key].numel() for t in block0)
     kept = sum(int(masks[t.key].sum()) for t in block0)
     assert out["by_block"]["0"] == kept / total < 1.0
+
+
+def test_records_replace_only_their_own_key():
+    bench = _bench()
+    old = [_rec("px", 0.8, 0, 0.70), _rec("px", 0.8, 1, 0.71)]
+    rerun = _rec("px", 0.8, 0, 0.75)
+    floor = dict(_rec("px", 0.8, 0, 0.60), min_density_ratio=0.3)  # another experiment: must not replace seed 0
+    merged = bench.replace_records(bench.replace_records(old, [rerun]), [floor])
+    assert sorted((r["seed"], r["accuracy_after_finetune"], r.get("min_density_ratio", 0.1)) for r in merged) == [
+        (0, 0.6, 0.3), (0, 0.75, 0.1), (1, 0.71, 0.1)]
