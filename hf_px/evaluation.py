@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .train_data import make_collate, prepare_dataset, task_of
+from .train_data import align_labels, make_collate, prepare_dataset, task_of
 
 
 def evaluate(
@@ -47,6 +47,8 @@ def evaluate(
     accelerator = accelerator or _make_accelerator(config)
     task = task_of(model)
     names = tuple(metrics) if metrics else (("perplexity",) if task == "causal_lm" else ("accuracy",))
+    if task != "causal_lm":  # string labels take the ids the model's id2label gives them
+        dataset, _ = align_labels(dataset, None, label_column, model, write_config=False)
     ds = prepare_dataset(dataset, tokenizer, config, task, "eval")
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                          collate_fn=make_collate(tokenizer, model, task))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,15 +27,49 @@ DEFAULT_COMMIT_MESSAGE = "Upload pruned model with hf-px"
 # never part of a checkpoint: save_pretrained's temp folders and local caches
 IGNORE_PATTERNS = [".*.tmp-*", ".*.tmp-*/**", ".*.old-*/**", ".cache/**", ".git/**", "__pycache__/**"]
 BACKOFF_S = 1.0
+# the Hub's rule for each half of "namespace/name": word characters, '-' and '.', not at either end, <= 96
+_REPO_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
 
 
 class HubPushError(RuntimeError):
     """A push that cannot succeed as asked: bad token, unreachable endpoint, or repeated server errors."""
 
 
+def check_repo_id(repo_id: str | None, where: str) -> None:
+    """Refuse anything but ``namespace/name`` before any work is done; ``where`` names the flag or config key.
+
+    Example:
+        >>> check_repo_id("user/minilm-px90", "--hub-model-id")
+    """
+    text = repo_id if isinstance(repo_id, str) else ""
+    if REPO_ID.match(text) and ".." not in text and "--" not in text:
+        return
+    shown = repr(repo_id) if len(repr(repo_id)) <= 80 else repr(repo_id)[:77] + "..."
+    raise ValueError(f"{where} {shown} is not a Hub repo id of the form namespace/name (letters, digits, '-', '_', "
+                     f"'.', no '..' or '--'); e.g. {where} user/minilm-px90.")
+
+
 def _status(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
+
+
+def _http_cause(err: BaseException) -> BaseException | None:
+    """The HTTP or network error behind ``err``: huggingface_hub wraps LFS upload failures in a RuntimeError."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (HfHubHTTPError, httpx2.HTTPError, OSError)):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _transient(err: BaseException) -> bool:
@@ -48,7 +83,7 @@ def _explain(err: BaseException, endpoint: str, repo_id: str) -> str:
     status = _status(err)
     if isinstance(err, (httpx2.ConnectError, httpx2.TimeoutException, ConnectionError, TimeoutError)):
         return (
-            f"cannot reach the Hub endpoint {endpoint} ({type(err).__name__}: {err}). Check the network, "
+            f"cannot reach the Hub endpoint {endpoint} ({type(err).__name__}: {_one_line(err)}). Check the network, "
             "HF_ENDPOINT, and that HF_HUB_OFFLINE is not set."
         )
     if status == 401 or (isinstance(err, RepositoryNotFoundError) and status in (401, 403)):
@@ -62,17 +97,21 @@ def _explain(err: BaseException, endpoint: str, repo_id: str) -> str:
             "permission for that namespace."
         )
     if status is not None and (status >= 500 or status == 429):
-        return f"the Hub at {endpoint} kept failing (HTTP {status}); try again later. Last error: {err}"
-    return f"push of '{repo_id}' to {endpoint} failed: {err}"
+        return f"the Hub at {endpoint} kept failing (HTTP {status}); try again later. Last error: {_one_line(err)}"
+    return f"push of '{repo_id}' to {endpoint} failed: {_one_line(err)}"
 
 
 def _with_retries(fn: Callable[[], T], what: str, endpoint: str, repo_id: str, max_retries: int) -> T:
     for attempt in range(max_retries + 1):
         try:
             return fn()
-        except (HfHubHTTPError, httpx2.HTTPError, OSError) as err:
-            if not _transient(err) or attempt == max_retries:
-                raise HubPushError(f"{what}: {_explain(err, endpoint, repo_id)}") from err
+        except (HfHubHTTPError, httpx2.HTTPError, OSError, RuntimeError) as err:
+            cause = _http_cause(err)
+            if cause is None:
+                raise
+            if not _transient(cause) or attempt == max_retries:
+                where = f"{what} ({_one_line(err, 120)})" if cause is not err else what
+                raise HubPushError(f"{where}: {_explain(cause, endpoint, repo_id)}") from err
             wait = BACKOFF_S * 2**attempt
             logger.warning("%s failed (%s); retry %d/%d in %.1f s", what, err, attempt + 1, max_retries, wait)
             time.sleep(wait)
@@ -108,6 +147,7 @@ def push_to_hub(
     Example:
         >>> url = push_to_hub("out/", "user/minilm-px90", private=True)   # doctest: +SKIP
     """
+    check_repo_id(repo_id, "repo_id")
     path = pathlib.Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"'{folder}' is not a folder; save the model first (save_pretrained).")

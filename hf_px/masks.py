@@ -8,6 +8,8 @@ remove before ``save_pretrained``. ``masks_from_model`` recovers the masks of an
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import overload
 
 import torch
 from torch import nn
@@ -16,11 +18,44 @@ from .ranking import Ranking
 from .targets import Target
 
 
-def density_schedule(target_density: float, rounds: int) -> list[float]:
-    """Exponential schedule d_r = d^(r/R), r = 1..R (PX, SynFlow); the last entry is the target."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}.")
-    return [target_density ** (r / rounds) for r in range(1, rounds + 1)]
+class DensitySchedule(Sequence[float]):
+    """The densities d_r = d^(r/R), r = 1..R, computed on access: the loop needs one round at a time."""
+
+    def __init__(self, target_density: float, rounds: int) -> None:
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}.")
+        self.target_density, self.rounds = float(target_density), rounds
+
+    def __len__(self) -> int:
+        return self.rounds
+
+    @overload
+    def __getitem__(self, index: int) -> float: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[float]: ...
+
+    def __getitem__(self, index: int | slice) -> float | list[float]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.rounds))]
+        if index < 0:
+            index += self.rounds
+        if not 0 <= index < self.rounds:
+            raise IndexError(f"round {index} is outside 0..{self.rounds - 1}")
+        return self.target_density ** ((index + 1) / self.rounds)
+
+    def __repr__(self) -> str:
+        return f"DensitySchedule(target_density={self.target_density}, rounds={self.rounds})"
+
+
+def density_schedule(target_density: float, rounds: int) -> DensitySchedule:
+    """Exponential schedule d_r = d^(r/R), r = 1..R (PX, SynFlow); the last entry is the target.
+
+    Example:
+        >>> [round(d, 3) for d in density_schedule(0.01, 2)]
+        [0.1, 0.01]
+    """
+    return DensitySchedule(target_density, rounds)
 
 
 def init_masks(targets: list[Target]) -> dict[str, torch.Tensor]:

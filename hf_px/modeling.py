@@ -16,6 +16,8 @@ from transformers import (
     AutoTokenizer,
 )
 
+from .checkpoint_files import check_checkpoint_files
+
 TASKS = {
     "sequence-classification": AutoModelForSequenceClassification,
     "image-classification": AutoModelForImageClassification,
@@ -31,7 +33,11 @@ def _looks_local(name: str) -> bool:
 
 
 def check_model_source(name_or_path: str, allow_pickle: bool = False) -> None:
-    """Fail early, before any download or load, when a local checkpoint folder is missing or unusable."""
+    """Fail early, before any download or load, when a local checkpoint folder is missing or unusable.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` (:class:`~hf_px.checkpoint_files.CheckpointFileError` for a
+    truncated safetensors file, an invalid index, or a shard outside the folder), each one line naming the fix.
+    """
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -46,6 +52,8 @@ def check_model_source(name_or_path: str, allow_pickle: bool = False) -> None:
                 f"{path} only holds pickle weights (*.bin), which can run arbitrary code when loaded. Convert them to "
                 "safetensors, or pass --allow-pickle (allow_pickle=True) if you trust the source."
             )
+        # headers only: a truncated shard or an index naming files outside the folder is refused before loading
+        check_checkpoint_files(path)
         return
     if _looks_local(name_or_path):
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist; pass a checkpoint folder or a Hub id.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -65,6 +66,25 @@ def _check_batches(batches: list) -> None:
         )
 
 
+def check_sparsity(sparsity: float, sizes: list[int]) -> None:
+    """Refuse a sparsity whose kept count, round(d * N), is smaller than the number of prunable matrices.
+
+    Below that some matrix keeps no weight at all (at 100% the model is all zeros) and its block computes
+    nothing; the message gives the largest sparsity that leaves at least one weight per matrix.
+    """
+    if sparsity <= 0 or not sizes:
+        return
+    total, matrices = sum(sizes), len(sizes)
+    kept = int(round((1.0 - float(sparsity)) * total))
+    if kept >= matrices:
+        return
+    largest = math.floor((1.0 - matrices / total) * 1e6) / 1e6  # rounded down, so it keeps >= one per matrix
+    raise ValueError(
+        f"sparsity {sparsity:g} keeps {kept} of {total:,} prunable weights, fewer than one per prunable matrix "
+        f"({matrices}): some matrix would be all zeros. Use a sparsity of at most {largest:g}."
+    )
+
+
 def prune(
     model: nn.Module,
     batches: list,
@@ -107,6 +127,7 @@ def prune(
     targets = collect_targets(model, generic=config.generic)
     if not scorer.uses_off_path:
         targets = [dataclasses.replace(t, on_path=True, follows=()) for t in targets]
+    check_sparsity(config.sparsity, [t.numel() for t in targets])
     masks = init_masks(targets)
     schedule = density_schedule(config.density, config.rounds) if config.sparsity > 0 else []
     generator = torch.Generator().manual_seed(config.seed)

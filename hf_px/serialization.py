@@ -4,15 +4,10 @@ Two on-disk formats, both written atomically (temp folder next to the target, th
 
 * ``dense``: the ordinary ``model.safetensors`` with the zeros baked in. Stock
   ``AutoModel*.from_pretrained(dir)`` reads it; ``hf_px`` is not needed.
-* ``sparse``: one file ``model.sparse.safetensors``. Every masked matrix ``K`` is stored as three tensors:
-
-  - ``K.px_values``: the kept entries, 1-D, in the original dtype, in row-major (C) order;
-  - ``K.px_bitmask``: the mask, flattened row-major and packed 8 per byte with ``numpy.packbits``
-    (``bitorder="big"``: element 0 is the most significant bit of byte 0; the last byte is zero-padded);
-  - ``K.px_shape``: the original shape (int64).
-
-  Every other tensor (embeddings, norms, biases, heads) is stored as it is. Read it with
-  :func:`load`; the reload is bit-identical (a pruned ``-0.0`` comes back as ``+0.0``, which compares equal).
+* ``sparse``: one file ``model.sparse.safetensors``: every masked matrix as kept values + a packed bitmask +
+  its shape, every other tensor as it is (layout in :mod:`hf_px.sparse_format`). Read it with :func:`load`,
+  which checks the whole file against ``hf_px.json`` and the config first; the reload is bit-identical (a pruned
+  ``-0.0`` comes back as ``+0.0``, which compares equal).
 
 Both formats write ``hf_px.json`` (format, layout, masks' provenance and per-matrix kept counts, user
 metadata) next to ``config.json``, the tokenizer files and the model card ``README.md`` when given.
@@ -20,6 +15,7 @@ metadata) next to ``config.json``, the tokenizer files and the model card ``READ
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pathlib
@@ -36,6 +32,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint_files import CheckpointFileError, check_checkpoint_files, weight_files
+from .sparse_format import (  # noqa: F401 - re-exported: hf_px.serialization is their historical home
+    BIT_ORDER,
+    BITMASK,
+    LAYOUT_DOC,
+    SHAPE,
+    VALUES,
+    Expected,
+    SparseFormatError,
+    check_zeros_outside,
+    dense_state_dict,
+    dtype_name,
+    listed_tensors,
+    read_sparse_file,
+    sparse_state_dict,
+)
+
 if TYPE_CHECKING:
     import transformers
     from huggingface_hub import ModelCard
@@ -44,13 +57,6 @@ FORMATS = ("dense", "sparse")
 SPARSE_FILE = "model.sparse.safetensors"
 DENSE_FILE = "model.safetensors"
 META_FILE = "hf_px.json"
-VALUES, BITMASK, SHAPE = ".px_values", ".px_bitmask", ".px_shape"
-BIT_ORDER = "big"
-LAYOUT_DOC = (
-    "per masked matrix K: K.px_values = kept entries (1-D, original dtype, row-major order); "
-    "K.px_bitmask = row-major mask packed with numpy.packbits(bitorder='big'), uint8, last byte zero-padded; "
-    "K.px_shape = original shape (int64). Every other tensor is stored unchanged."
-)
 # transformers' own weight files, replaced by SPARSE_FILE in the sparse format
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -62,101 +68,6 @@ def _version() -> str:
         return version("hf-px")
     except Exception:  # noqa: BLE001 - running from a source tree without an install
         return "unknown"
-
-
-# ---------------------------------------------------------------------------------------------- pack/unpack
-def _numpy(t: torch.Tensor) -> np.ndarray | None:
-    """A numpy view of a CPU tensor, or None for dtypes numpy lacks (bfloat16, float8).
-
-    Boolean indexing and reductions run several times faster in numpy than in torch on CPU.
-    """
-    try:
-        return t.detach().cpu().numpy()
-    except TypeError:
-        return None
-
-
-def _check_zeros_outside(key: str, tensor: torch.Tensor, mask: torch.Tensor) -> None:
-    if tuple(mask.shape) != tuple(tensor.shape):
-        raise ValueError(
-            f"mask for '{key}' has shape {tuple(mask.shape)} but the tensor has {tuple(tensor.shape)}; "
-            "pass masks keyed by parameter name with the parameter's shape."
-        )
-    keep = mask.detach().cpu().bool()
-    values = _numpy(tensor)
-    if values is not None:
-        outside = bool(np.any(values[~keep.numpy()]))
-    else:
-        outside = bool(torch.where(keep, 0, tensor.detach().cpu()).any())
-    if outside:
-        raise ValueError(
-            f"'{key}' has non-zero weights outside its mask, which the saved masks would contradict; "
-            "zero them first with hf_px.masks.apply_masks(model, masks)."
-        )
-
-
-def sparse_state_dict(state_dict: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Pack the masked tensors of ``state_dict`` into values + bitmask + shape (layout in the module doc).
-
-    Tensors without a mask pass through unchanged. Raises ``ValueError`` when a masked tensor has non-zero
-    entries outside its mask (they would be lost), or a mask's shape does not match its tensor.
-
-    Example:
-        >>> w = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
-        >>> packed = sparse_state_dict({"w": w}, {"w": w != 0})
-        >>> packed["w.px_values"].tolist(), packed["w.px_bitmask"].tolist()
-        ([2.0, 3.0], [96])
-        >>> torch.equal(dense_state_dict(packed)["w"], w)
-        True
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        mask = masks.get(key)
-        if mask is None:
-            out[key] = tensor
-            continue
-        _check_zeros_outside(key, tensor, mask)
-        flat = tensor.detach().reshape(-1).cpu()
-        keep = mask.detach().reshape(-1).cpu().bool().numpy()
-        values = _numpy(flat)
-        out[key + VALUES] = torch.from_numpy(values[keep]) if values is not None else flat[torch.from_numpy(keep)]
-        out[key + BITMASK] = torch.from_numpy(np.packbits(keep, bitorder=BIT_ORDER))
-        out[key + SHAPE] = torch.tensor(list(tensor.shape), dtype=torch.int64)
-    return out
-
-
-def dense_state_dict(sparse: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`sparse_state_dict`: rebuild full tensors with zeros where the mask is off."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in sparse.items():
-        if key.endswith((BITMASK, SHAPE)):
-            continue
-        if not key.endswith(VALUES):
-            out[key] = tensor
-            continue
-        name = key[: -len(VALUES)]
-        try:
-            bits, shape = sparse[name + BITMASK], sparse[name + SHAPE]
-        except KeyError as err:
-            raise ValueError(f"sparse checkpoint is missing {err} for '{name}'; the file is incomplete.") from None
-        shape = tuple(int(s) for s in shape.tolist())
-        numel = int(np.prod(shape)) if shape else 1
-        keep = np.unpackbits(bits.numpy(), count=numel, bitorder=BIT_ORDER).astype(bool)
-        if int(keep.sum()) != tensor.numel():
-            raise ValueError(
-                f"'{name}': the bitmask keeps {int(keep.sum())} entries but {tensor.numel()} values are stored; "
-                "the file is corrupt."
-            )
-        values = _numpy(tensor)
-        if values is not None:
-            full = np.zeros(numel, dtype=values.dtype)
-            full[keep] = values
-            out[name] = torch.from_numpy(full).view(shape)
-        else:
-            dense = torch.zeros(numel, dtype=tensor.dtype)
-            dense[torch.from_numpy(keep)] = tensor
-            out[name] = dense.view(shape)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -187,7 +98,7 @@ def _atomic_dir(target: pathlib.Path) -> Iterator[pathlib.Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _mask_summary(masks: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+def _mask_summary(masks: dict[str, torch.Tensor], source: str, params: dict[str, torch.Tensor]) -> dict[str, Any]:
     kept = {n: int(np.count_nonzero(m.detach().cpu().numpy())) for n, m in masks.items()}
     total = sum(m.numel() for m in masks.values())
     return {
@@ -196,7 +107,8 @@ def _mask_summary(masks: dict[str, torch.Tensor], source: str) -> dict[str, Any]
         "masked_params": total,
         "kept_params": sum(kept.values()),
         "density": sum(kept.values()) / max(total, 1),
-        "tensors": {n: {"shape": list(masks[n].shape), "kept": kept[n]} for n in masks},
+        "tensors": {n: {"shape": list(masks[n].shape), "kept": kept[n], "dtype": dtype_name(params[n].dtype)}
+                    for n in masks},
     }
 
 
@@ -211,17 +123,9 @@ def _default_card(model: nn.Module, report: dict, format: str) -> ModelCard | No
         return None
 
 
-def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    return [folder / DENSE_FILE]
-
-
 def _to_sparse_files(folder: pathlib.Path, masks: dict[str, torch.Tensor]) -> list[str]:
     """Replace transformers' weight files in ``folder`` by SPARSE_FILE; returns masks with no saved tensor."""
-    files = _weight_files(folder)
+    files = weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))
@@ -283,14 +187,14 @@ def save_pretrained(
         raise ValueError(f"masks name parameters the model does not have: {unknown[:3]}; key masks by parameter name.")
     # checked for both formats: a dense file with unmasked non-zeros would contradict its own hf_px.json
     for name, mask in masks.items():
-        _check_zeros_outside(name, params[name], mask)
+        check_zeros_outside(name, params[name], mask)
 
     target = pathlib.Path(save_directory)
     info: dict[str, Any] = {
         "hf_px_version": _version(),
         "format": format,
         "weights_file": SPARSE_FILE if format == "sparse" else DENSE_FILE,
-        "masks": _mask_summary(masks, source),
+        "masks": _mask_summary(masks, source, params),
         "metadata": metadata or {},
     }
     if format == "sparse":
@@ -300,6 +204,8 @@ def save_pretrained(
         model.save_pretrained(tmp, max_shard_size="1000GB" if format == "sparse" else "50GB")
         if format == "sparse":
             missing = _to_sparse_files(tmp, masks)
+            for name in missing:  # so load() does not take their absence from the sparse file for damage
+                info["masks"]["tensors"][name]["packed"] = False
             if missing:
                 warnings.warn(
                     f"{len(missing)} masked tensors are not in the saved checkpoint (tied or renamed, e.g. "
@@ -375,7 +281,7 @@ def load(path_or_repo_id: str | os.PathLike, task_class: Any = None, **from_pret
     kwargs = dict(from_pretrained_kwargs)
     folder = _local_folder(path_or_repo_id, kwargs)
     meta_path = folder / META_FILE
-    info = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    info = _read_json(meta_path) if meta_path.exists() else {}
     fmt = info.get("format") or ("sparse" if (folder / SPARSE_FILE).exists() else "dense")
     if fmt not in FORMATS:
         raise ValueError(f"{meta_path} names an unknown format {fmt!r}; expected one of {FORMATS}.")
@@ -384,10 +290,11 @@ def load(path_or_repo_id: str | os.PathLike, task_class: Any = None, **from_pret
 
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json; it is not a saved checkpoint folder.")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+    model_type = str(_read_json(folder / "config.json").get("model_type", ""))
     if model_type.startswith("pcn_"):
         import hf_px.pcn  # noqa: F401 - registers the pcn_* classes with the Auto* factories
 
+    check_checkpoint_files(folder)  # a truncated shard or an escaping index fails here, in one line
     config_kwargs = {k: kwargs[k] for k in ("trust_remote_code",) if k in kwargs}
     config = AutoConfig.from_pretrained(folder, **config_kwargs)
     cls = task_class or _model_class(config)
@@ -396,7 +303,6 @@ def load(path_or_repo_id: str | os.PathLike, task_class: Any = None, **from_pret
     weights = folder / SPARSE_FILE
     if not weights.exists():
         raise FileNotFoundError(f"{folder} is marked sparse but has no {SPARSE_FILE}; the folder is incomplete.")
-    state = dense_state_dict(load_file(weights))
     if hasattr(cls, "_model_mapping"):  # an Auto class: from_pretrained(None, ...) needs the concrete one
         try:
             cls = cls._model_mapping[type(config)]
@@ -405,4 +311,31 @@ def load(path_or_repo_id: str | os.PathLike, task_class: Any = None, **from_pret
     # with an explicit config, from_pretrained hands leftover kwargs to __init__: apply config fields here
     for k in [k for k in kwargs if k not in _LOADING_KWARGS and hasattr(config, k)]:
         setattr(config, k, kwargs.pop(k))
+    with torch.device("meta"):  # a skeleton of the config's shapes, allocating nothing
+        skeleton = cls(copy.deepcopy(config))
+    state = read_sparse_file(weights, listed_tensors(info, meta_path), Expected.from_model(skeleton))
     return cls.from_pretrained(None, config=config, state_dict=state, **kwargs)
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # also UnicodeDecodeError
+        raise CheckpointFileError(f"{path} is not valid JSON ({str(err).splitlines()[0][:120]}); restore the file "
+                                  "or re-save the checkpoint.") from None
+    if not isinstance(data, dict):
+        raise CheckpointFileError(f"{path} holds a JSON {type(data).__name__}, not an object; restore the file or "
+                                  "re-save the checkpoint.")
+    return data
+
+
+def check_sparse_folder(folder: str | os.PathLike, skeleton: nn.Module) -> None:
+    """Run :func:`load`'s checks of a sparse checkpoint against ``skeleton`` (a model on the meta device), reading
+    no weights: every matrix ``hf_px.json`` lists is present and consistent, and its declared shape is the
+    skeleton's, so a file claiming a 10^6 x 10^6 matrix is refused before anything is allocated.
+    """
+    folder = pathlib.Path(folder)
+    meta_path = folder / META_FILE
+    info = _read_json(meta_path) if meta_path.exists() else {}
+    read_sparse_file(folder / SPARSE_FILE, listed_tensors(info, meta_path), Expected.from_model(skeleton),
+                     check_only=True)

@@ -159,11 +159,14 @@ def finetune(
 
         model = apply_lora(model, masks, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     train_masks = {n: id_to_mask[id(p)] for n, p in model.named_parameters() if id(p) in id_to_mask}
+    from .distill import build_distiller
+
+    distiller = build_distiller(config.distill, model, accelerator)  # None without distillation
 
     with accelerator.main_process_first():
-        train_ds = train_data.prepare_dataset(train_dataset, tokenizer, config, task, "train")
-        eval_ds = train_data.prepare_dataset(eval_dataset, tokenizer, config, task, "eval") if eval_dataset is not None \
-            else None
+        train_ds, eval_ds = train_data.prepare_datasets(train_dataset, eval_dataset, tokenizer, config, task, model)
+    if distiller is not None:
+        train_ds = distiller.wrap_dataset(train_ds)  # example ids key the teacher-logit cache
     collate = train_data.make_collate(tokenizer, model, task)
     # a private generator: creating a data iterator must not draw from the global RNG that dropout uses,
     # or a resumed run (which creates its iterator mid-epoch) would see different dropout masks
@@ -173,7 +176,9 @@ def finetune(
     if eval_ds is not None:
         eval_dl = torch.utils.data.DataLoader(eval_ds, batch_size=config.eval_batch_size or config.batch_size,
                                               shuffle=False, collate_fn=collate)
-    optimizer = torch.optim.AdamW(optim.param_groups(model, config.weight_decay), lr=config.learning_rate)
+    frozen = optim.freeze_embeddings(model) if config.freeze_embeddings else []
+    optimizer = torch.optim.AdamW(optim.param_groups(model, config.weight_decay, exclude=frozen),
+                                  lr=config.learning_rate)
     if eval_dl is not None:
         model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     else:
@@ -186,7 +191,6 @@ def finetune(
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     # not prepared: Accelerate's scheduler wrapper would step once per process
     scheduler = optim.linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     pairs = fixed_masks.bind_masks(model, train_masks)
     fixed_masks.reapply_masks(pairs)
 
@@ -201,16 +205,16 @@ def finetune(
 
     global_step, start_epoch, skip, history, resumed_from = 0, 0, 0, [], None
     if config.resume:
-        resumed_from = train_outputs.latest_checkpoint(ckpt_root)
+        resumed_from = train_outputs.find_resume_point(ckpt_root, warn=accelerator.is_main_process)
         if resumed_from is None:
-            warnings.warn(f"resume=True but {ckpt_root} holds no complete checkpoint; starting from step 0.",
+            warnings.warn(f"resume=True but {ckpt_root} holds no complete, intact checkpoint; starting from step 0.",
                           stacklevel=2)
         else:
             state, saved_masks = train_outputs.load_checkpoint_meta(resumed_from)
             if set(saved_masks) != set(masks) or any(not torch.equal(saved_masks[n], masks[n]) for n in masks):
                 raise ValueError(f"the masks of {resumed_from} differ from this model's masks: resume with the same "
                                  "pruned model, or start a fresh run (resume=False or another output_dir).")
-            accelerator.load_state(resumed_from)
+            train_outputs.load_checkpoint_state(resumed_from, accelerator, model, optimizer, scheduler)
             fixed_masks.reapply_masks(pairs)
             global_step, start_epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
             if state.get("total_steps", total_steps) != total_steps:
@@ -252,7 +256,7 @@ def finetune(
         skip = 0
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = distiller.loss(model, batch) if distiller is not None else model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     fixed_masks.zero_masked_grads(pairs)
@@ -274,6 +278,8 @@ def finetune(
             if global_step % config.log_every == 0 or global_step == total_steps:
                 mean_loss = accelerator.reduce(loss_sum / max(loss_n, 1), reduction="mean")
                 record["loss"] = float(mean_loss)
+                if distiller is not None:
+                    record.update(distiller.logged_means(accelerator))  # loss_ce, loss_kd, loss_hidden
                 log_record(dict(record))
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 loss_sum.zero_()
@@ -283,7 +289,8 @@ def finetune(
             if ckpt_root and config.save_every and global_step % config.save_every == 0:
                 state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batch_in_epoch,
                          "history": history, "total_steps": total_steps}
-                train_outputs.save_checkpoint(accelerator, ckpt_root, global_step, state, masks, config.save_total_limit)
+                train_outputs.save_checkpoint(accelerator, ckpt_root, global_step, state, masks, config.save_total_limit,
+                                              model, optimizer, scheduler)
             if on_step is not None:
                 on_step(global_step, record)
             if global_step >= total_steps:

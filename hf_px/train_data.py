@@ -50,6 +50,48 @@ def prepare_dataset(dataset: Any, tokenizer: Any, config: Any, task: str, role: 
                           max_length=config.max_length)
 
 
+def prepare_datasets(train_dataset: Any, eval_dataset: Any, tokenizer: Any, config: Any, task: str,
+                     model: nn.Module) -> tuple[Any, Any]:
+    """Both splits as model inputs, their labels encoded with one map (see ``align_labels``)."""
+    if task != "causal_lm":
+        train_dataset, eval_dataset = align_labels(train_dataset, eval_dataset, config.label_column, model)
+    train = prepare_dataset(train_dataset, tokenizer, config, task, "train")
+    evals = prepare_dataset(eval_dataset, tokenizer, config, task, "eval") if eval_dataset is not None else None
+    return train, evals
+
+
+def align_labels(reference: Any, evals: Any, label_column: str, model: nn.Module,
+                 write_config: bool = True) -> tuple[Any, Any]:
+    """``reference`` (the training split) and ``evals`` with labels as ids of one map: the model's own
+    ``id2label`` when it names the reference's classes, else the reference's classes; the map goes into the
+    model's config (``write_config``). Labels the model's head cannot hold are refused here, before training,
+    instead of failing as an IndexError in the loss."""
+    import datasets
+
+    from .labels import checkpoint_label_names, encode_labels, infer_num_labels, set_label_names
+
+    def scalar_labels(ds: Any) -> str | None:
+        if not isinstance(ds, datasets.Dataset):
+            return None  # a torch-style dataset: trusted as model inputs
+        col = next((c for c in (label_column, "labels") if c in ds.column_names), None)
+        scalar = col is not None and isinstance(ds.features[col], (datasets.ClassLabel, datasets.Value))
+        return col if scalar else None  # per-token label lists are left alone
+
+    column = scalar_labels(reference)
+    if column is None:
+        return reference, evals
+    base = getattr(model, "get_base_model", lambda: model)()
+    config = getattr(base, "config", None)
+    head = type(base).__name__.endswith(("ForSequenceClassification", "ForImageClassification"))
+    labels = infer_num_labels(reference, column, evals if scalar_labels(evals) == column else None,
+                              num_labels=config.num_labels if head else None,
+                              names=checkpoint_label_names(config) if head else None, setting="num_labels")
+    if write_config and head:
+        set_label_names(config, labels)
+    encoded = encode_labels(evals, labels) if scalar_labels(evals) == column else evals
+    return encode_labels(reference, labels), encoded
+
+
 def _collate(examples: list[dict], pad_token_id: int, causal: bool) -> dict[str, torch.Tensor]:
     from .data import collate
 
@@ -77,3 +119,33 @@ def make_collate(tokenizer: Any, model: nn.Module, task: str):
     if pad is None:
         pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     return functools.partial(_collate, pad_token_id=int(pad), causal=task == "causal_lm")
+
+
+EXAMPLE_ID = "example_id"  # not a model input: consumers pop it before the forward pass
+
+
+class _WithExampleIds(torch.utils.data.Dataset):
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], EXAMPLE_ID: index}
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        # the DataLoader fetches a whole batch through this when it exists: keep datasets' fast batched read
+        fetch = getattr(self.dataset, "__getitems__", None)
+        items = fetch(indices) if fetch is not None else [self.dataset[i] for i in indices]
+        return [{**item, EXAMPLE_ID: i} for item, i in zip(items, indices, strict=True)]
+
+
+def with_example_ids(dataset: Any) -> torch.utils.data.Dataset:
+    """``dataset`` whose examples also carry their position as ``example_id`` (collated into a 1-D tensor).
+
+    A stable per-example key that survives shuffling, sharding over processes and resumes (the teacher-logit
+    cache of distillation uses it). Length, order and the other columns are unchanged, so the sampler draws the
+    same batches as for ``dataset`` itself.
+    """
+    return _WithExampleIds(dataset)

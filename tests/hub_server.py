@@ -90,6 +90,7 @@ class FakeHub:
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
         self.fail_next: list[int] = []  # statuses to answer to the next requests (transient-error tests)
+        self.lfs_put_status: int | None = None  # answer every LFS upload (PUT) with this status (storage outage)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.hub = self  # type: ignore[attr-defined]
@@ -217,6 +218,8 @@ class FakeHub:
         return 200, {"transfer": "basic", "objects": objects}
 
     def lfs_put(self, body: bytes, oid: str):
+        if self.lfs_put_status is not None:
+            raise HubError(self.lfs_put_status, "injected LFS storage failure")
         if hashlib.sha256(body).hexdigest() != oid:
             raise HubError(400, "uploaded content does not match its sha256")
         self.lfs_objects[oid] = body

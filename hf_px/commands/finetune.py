@@ -55,8 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--text-column", default=None)
     p.add_argument("--label-column", default="label")
+    p.add_argument("--num-labels", type=int, default=None,
+                   help="classes of the classification head (default: the training split's); set it to replace a "
+                        "trained head that has another number of labels")
     p.add_argument("--log-with", nargs="+", default=["jsonl"], choices=("jsonl", "tensorboard"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle (*.bin) weights; refused by default because pickle can run code.")
     from .prune import add_push_args
 
     add_push_args(p)
@@ -104,47 +109,82 @@ def _splits(args: argparse.Namespace):
         train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
     if evals is not None and args.max_eval_samples:
         evals = evals.select(range(min(args.max_eval_samples, len(evals))))
-    return train, evals
+    return train, evals, eval_name
 
 
-def _num_labels(ds: Any, label_column: str) -> int:
-    import datasets
-
-    col = label_column if label_column in ds.column_names else "labels"
-    feat = ds.features.get(col)
-    if isinstance(feat, datasets.ClassLabel):
-        return feat.num_classes
-    values = set(ds[col])
-    return len(values) if all(isinstance(v, str) for v in values) else int(max(values)) + 1
+def _causal(args: argparse.Namespace, cfg: Any) -> bool:
+    archs = getattr(cfg, "architectures", None) or []
+    return args.task == "causal-lm" or (args.task == "auto" and any("CausalLM" in a or "LMHead" in a for a in archs))
 
 
-def load_model(args: argparse.Namespace, train: Any):
+def check_data(args: argparse.Namespace, cfg: Any, train: Any, evals: Any, eval_name: str | None):
+    """(train, eval, Labels or None): both splits with labels as ids of the training split's one map; missing text
+    and labels the head cannot hold are refused before any model is loaded, with the checks of ``hf-px run``."""
+    from ..data import check_text_rows, resolve_columns
+    from ..labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
+
+    causal = _causal(args, cfg)
+    text, label, _ = resolve_columns(train, args.text_column, None if causal else args.label_column)
+    if text is not None:
+        for name, split in ((args.train_split, train), (eval_name, evals)):
+            if split is not None:
+                check_text_rows(split, text, name, fix="remove them from the data (hf-px finetune cannot skip them)")
+    if causal or label is None:
+        return train, evals, None
+    head = trained_head(cfg)
+    labels = infer_num_labels(train, label, evals, num_labels=args.num_labels,
+                              head_labels=head if args.task == "auto" else None,  # classification: a new head
+                              names=checkpoint_label_names(cfg) if head else None, min_classes=2,
+                              train_split=args.train_split, eval_split=str(eval_name))
+    return encode_labels(train, labels), encode_labels(evals, labels) if evals is not None else None, labels
+
+
+def load_model(args: argparse.Namespace, cfg: Any, labels: Any = None):
     """The checkpoint as a trainable model (a classification head is added to a bare encoder) + tokenizer."""
     import transformers
 
+    from ..labels import set_label_names
     from ..serialization import load
 
-    cfg = transformers.AutoConfig.from_pretrained(args.model)
     archs = getattr(cfg, "architectures", None) or []
     has_head = any(("For" in a or "LMHead" in a) for a in archs)
+    num_labels = labels.num_labels if labels is not None else args.num_labels
     kwargs: dict[str, Any] = {}
-    if args.task == "causal-lm":
+    if _causal(args, cfg):
         task_class = transformers.AutoModelForCausalLM
-    elif args.task == "classification" or not has_head:
+    elif args.task == "classification" or not has_head or args.num_labels is not None:
         task_class = transformers.AutoModelForSequenceClassification
-        kwargs["num_labels"] = _num_labels(train, args.label_column)
+        if num_labels is not None:
+            kwargs["num_labels"] = num_labels
     else:
         task_class = None
-    if task_class is transformers.AutoModelForSequenceClassification and archs and \
-            any(a.endswith("ForSequenceClassification") for a in archs) and \
-            getattr(cfg, "num_labels", None) == kwargs.get("num_labels"):
-        task_class, kwargs = None, {}  # keep the trained head
+    seq_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    if task_class is transformers.AutoModelForSequenceClassification and seq_head:
+        if getattr(cfg, "num_labels", None) == kwargs.get("num_labels"):
+            task_class, kwargs = None, {}  # keep the trained head
+        else:
+            kwargs["ignore_mismatched_sizes"] = True  # a head trained for other labels is replaced by a new one
+    if not getattr(args, "allow_pickle", False):
+        kwargs["use_safetensors"] = True  # never fall back to a *.bin next to (or instead of) the safetensors
     model = load(args.model, task_class=task_class, **kwargs)
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        set_label_names(model.config, labels)  # the saved model names its classes as the training split does
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """A new or empty --output-dir, or (with --resume) one holding an earlier fine-tune run; never the input.
+
+    Every process checks before the process group starts, so no rank has written anything yet.
+    """
+    from ..folders import check_output_folder, local_inputs
+
+    check_output_folder(args.output_dir, flag="--output-dir", kind="finetune", resume=args.resume,
+                        inputs=local_inputs(args.model, args.dataset))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,10 +194,15 @@ def run(args: argparse.Namespace) -> int:
     from .prune import check_push_args, push_if_asked
 
     check_push_args(args)
-    check_model_source(args.model, allow_pickle=True)  # a missing folder fails here, not as a Hub-id error
     config = config_from_args(args)
-    train, evals = _splits(args)
-    model, tokenizer = load_model(args, train)
+    check_output_dir(args)
+    # before anything is loaded: a missing folder fails here (not as a Hub-id error), and so do pickle-only weights
+    check_model_source(args.model, allow_pickle=args.allow_pickle)
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(args.model)
+    train, evals, labels = check_data(args, cfg, *_splits(args))
+    model, tokenizer = load_model(args, cfg, labels)
     # masks are the checkpoint's zeros; new heads are outside the prunable set and stay dense
     out = finetune(model, train, evals, config, tokenizer=tokenizer, masks=masks_from_model(model))
     if out.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ..config import PruneConfig
-from ..folders import unwritable_reason
+from ..folders import check_output_folder, local_inputs
 from ..scoring import SCORERS
 
 EPILOG = """examples:
@@ -88,7 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--output-dir", required=True, help="folder to write the pruned checkpoint to.")
     o.add_argument("--format", default="dense", choices=["dense", "sparse"],
                    help="dense: stock safetensors with zeros; sparse: packed values + bitmasks (default: dense).")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output-dir.")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an existing hf-px checkpoint in --output-dir (a folder holding hf_px.json); "
+                        "folders with other files, or holding the input, are never replaced.")
     o.add_argument("--no-progress", action="store_true", help="hide progress bars.")
     add_push_args(o)
     p.set_defaults(func=run)
@@ -104,6 +107,10 @@ def add_push_args(group) -> None:
 def check_push_args(args: argparse.Namespace) -> None:
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push-to-hub needs --hub-model-id (e.g. --hub-model-id user/minilm-px90).")
+    if args.push_to_hub:
+        from ..hub import check_repo_id
+
+        check_repo_id(args.hub_model_id, "--hub-model-id")
 
 
 def push_if_asked(args: argparse.Namespace, folder) -> None:
@@ -114,16 +121,9 @@ def push_if_asked(args: argparse.Namespace, folder) -> None:
         print(f"pushed to {url}")
 
 
-def check_output_dir(path: str, overwrite: bool) -> None:
-    """Refuse an unusable output folder before any work is done."""
-    out = Path(path).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} is a file; pass a folder path.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or choose a new folder.")
-    reason = unwritable_reason(out)
-    if reason is not None:
-        raise PermissionError(f"--output-dir {out} cannot be written ({reason}); choose a folder you can write to.")
+def check_output_dir(path: str, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuse an output folder that is not safe to write or replace, before any work is done."""
+    check_output_folder(path, flag="--output-dir", kind="prune", overwrite=overwrite, inputs=local_inputs(*inputs))
 
 
 def pcn_config(args: argparse.Namespace):
@@ -138,26 +138,56 @@ def pcn_config(args: argparse.Namespace):
     return PCNConfig(variance=args.pcn_variance if width is None else None, width=width, mode=args.pcn_mode)
 
 
+def _checked_calibration_data(args: argparse.Namespace, ds: Any) -> tuple[Any, Any]:
+    """The calibration split with labels as ids of one map, and that map; refused (before any model is loaded)
+    for missing text or labels the head cannot hold, with the same checks as ``hf-px run``."""
+    from ..data import check_text_rows, resolve_columns
+    from ..labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
+    from ..modeling import CLASSIFICATION_TASKS, task_from_config
+
+    text, label, image = resolve_columns(ds, args.text_column, args.label_column, args.image_column)
+    if text is not None and image is None:
+        check_text_rows(ds, text, args.split, fix="remove them from the data (hf-px prune cannot skip them)")
+    ckpt = _checkpoint_config(args)
+    task = args.task if args.task != "auto" or ckpt is None else task_from_config(ckpt)
+    if label is None or task not in (*CLASSIFICATION_TASKS, "auto"):
+        return ds, None
+    head = trained_head(ckpt)
+    labels = infer_num_labels(ds, label, num_labels=args.num_labels, head_labels=head,
+                              names=checkpoint_label_names(ckpt) if head else None, train_split=args.split)
+    return encode_labels(ds, labels), labels
+
+
+def _checkpoint_config(args: argparse.Namespace) -> Any:
+    """The checkpoint's config (metadata only), or None where it cannot be read before loading."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
+                                                       gguf_file=args.gguf_file)
+    except (OSError, ValueError):
+        return None  # load_model reports it with its own message
+
+
 def run(args: argparse.Namespace) -> int:
     config = PruneConfig(pcn=pcn_config(args), method=args.method, sparsity=args.sparsity, rounds=args.rounds, qk_score=args.qk_score,
                          a_gate=args.a_gate, b_length=args.b_length, min_density_ratio=args.min_density_ratio, generic=args.generic,
                          seed=args.seed)
-    check_output_dir(args.output_dir, args.overwrite)
+    check_output_dir(args.output_dir, args.overwrite, (args.model, args.tokenizer, args.dataset))
     check_push_args(args)
-    from ..data import calibration_batches, load_dataset_any, resolve_columns
+    from ..data import calibration_batches, load_dataset_any
+    from ..labels import set_label_names
     from ..modeling import check_model_source, load_model, load_processor
     from ..prune import prune
 
     check_model_source(args.model, allow_pickle=args.allow_pickle)
     dataset = load_dataset_any(args.dataset, config_name=args.dataset_config, split=args.split, seed=args.seed)
-    ds = dataset[args.split]
-    _, label_col, _ = resolve_columns(ds, args.text_column, args.label_column, args.image_column)
-    num_labels = args.num_labels
-    if num_labels is None and label_col is not None:
-        feature = ds.features[label_col]
-        num_labels = getattr(feature, "num_classes", None) or len(set(ds[label_col]))
-    model = load_model(args.model, args.task, num_labels, trust_remote_code=args.trust_remote_code,
-                       allow_pickle=args.allow_pickle, gguf_file=args.gguf_file)
+    ds, labels = _checked_calibration_data(args, dataset[args.split])
+    model = load_model(args.model, args.task, labels.num_labels if labels else args.num_labels,
+                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                       gguf_file=args.gguf_file)
+    if type(model).__name__.endswith(("ForSequenceClassification", "ForImageClassification")):
+        set_label_names(model.config, labels)  # the saved checkpoint names its classes as the data do
     task = "image-classification" if "ImageClassification" in type(model).__name__ else "text"
     processor = load_processor(args.tokenizer or args.model, task, gguf_file=args.gguf_file)
     batches = calibration_batches(ds, processor, per_class=args.per_class if args.num_batches is None else None,

@@ -51,8 +51,8 @@ FLAG_KEYS = {
         "--resume": "(automatic: a re-run resumes)", "--peft": "finetune.peft", "--lora-r": "finetune.lora_r",
         "--lora-alpha": "finetune.lora_alpha", "--lora-dropout": "finetune.lora_dropout",
         "--no-merge": "finetune.merge_lora", "--metrics": "evaluate.metrics", "--max-length": "data.max_length",
-        "--text-column": "data.text_column", "--label-column": "data.label_column",
-        "--log-with": "finetune.log_with", "--no-progress": "--no-progress", "--push-to-hub": "push.enabled",
+        "--text-column": "data.text_column", "--label-column": "data.label_column", "--num-labels": "model.num_labels",
+        "--allow-pickle": "model.allow_pickle", "--log-with": "finetune.log_with", "--no-progress": "--no-progress", "--push-to-hub": "push.enabled",
         "--hub-model-id": "push.hub_model_id", "--hub-private": "push.private",
     },
 }

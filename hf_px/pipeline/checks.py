@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..folders import unwritable_reason
 from .config import ConfigError, RunConfig
 
-RUN_MARKER = "run.json"
 BUILTIN_MODELS = ("builtin:minilm",)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
@@ -39,6 +36,7 @@ class Plan:
     label_column: str | None
     image_column: str | None
     eval_split: str | None
+    labels: Any = None  # hf_px.labels.Labels: the one label map of every split, written into the model config
 
 
 def resolve_builtin(name: str | None) -> str | None:
@@ -57,18 +55,15 @@ def _local(name: str) -> bool:
     return os.path.exists(os.path.expanduser(name)) or _looks_local(name)
 
 
-def check_output_dir(path: str) -> Path:
-    """A run folder that is new/empty or one of our own runs, whose nearest existing parent is writable."""
-    out = Path(path).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.output_dir {out} is a file; set output.output_dir to a folder path.")
-    if out.is_dir() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
-        raise ConfigError(f"output.output_dir {out} is not empty and holds no hf-px run ({RUN_MARKER}); choose an "
-                          "empty or new folder so nothing of yours is overwritten.")
-    reason = unwritable_reason(out)
-    if reason is not None:
-        raise ConfigError(f"output.output_dir {out} cannot be written ({reason}); choose a folder you can write to.")
-    return out
+def check_output_dir(path: str, inputs: tuple[str | None, ...] = ()) -> Path:
+    """A run folder that is new/empty or one of our own runs, never holding the inputs, with a writable parent."""
+    from ..folders import OutputFolderError, check_output_folder, local_inputs
+
+    try:
+        return check_output_folder(path, flag="output.output_dir", kind="run",
+                                   inputs=local_inputs(*(resolve_builtin(i) if i in BUILTIN_MODELS else i for i in inputs)))
+    except (OutputFolderError, PermissionError) as err:
+        raise ConfigError(str(err).replace("pass a folder path", "set output.output_dir to a folder path")) from err
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -101,29 +96,18 @@ def _read_config(folder: Path, trust_remote_code: bool):
 
 
 def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
+    from ..checkpoint_files import CheckpointFileError, check_checkpoint_files
 
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    shapes[key] = tuple(fh.get_slice(key).get_shape())
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for broken headers
-            raise ConfigError(f"{f} is corrupt or truncated ({str(err).splitlines()[0][:120]}); re-download or "
-                              "re-save the checkpoint.") from err
-    return shapes
+    try:
+        headers = check_checkpoint_files(folder)
+    except CheckpointFileError as err:
+        raise ConfigError(str(err)) from err
+    return {name: h.shape for tensors in headers.values() for name, h in tensors.items()}
 
 
 def _check_weights_match(folder: Path, config: Any, trust_remote_code: bool) -> None:
     """The safetensors names/shapes must belong to the architecture that config.json describes."""
-    if (folder / "hf_px.json").exists() and (folder / "model.sparse.safetensors").exists():
-        return  # hf_px sparse format: checked by hf_px.load against its own layout
+    sparse = (folder / "hf_px.json").exists() and (folder / "model.sparse.safetensors").exists()
     shapes = _weight_shapes(folder)
     if not shapes:
         return  # pickle-only (allowed explicitly) or GGUF: nothing to compare without loading
@@ -132,6 +116,14 @@ def _check_weights_match(folder: Path, config: Any, trust_remote_code: bool) -> 
 
     with torch.device("meta"):
         skeleton = transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    if sparse:  # packed names differ from the model's: hf_px.load's own layout check, without the loading
+        from ..serialization import check_sparse_folder
+
+        try:
+            check_sparse_folder(folder, skeleton)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     prefix = getattr(skeleton, "base_model_prefix", "") + "."
     found = {(k[len(prefix):] if k.startswith(prefix) else k): s for k, s in shapes.items()}
@@ -210,14 +202,14 @@ def _subset(ds: Any, n: int | None, seed: int) -> Any:
     return ds.shuffle(seed=seed).select(range(min(n, len(ds)))) if n and len(ds) > n else ds
 
 
-def _empty_rows(ds: Any, column: str) -> list[int]:
-    return [i for i, t in enumerate(ds[column]) if t is None or not str(t).strip()]
+def _drop_rows(ds: Any, rows: list[int]) -> Any:
+    drop = set(rows)
+    return ds.select([i for i in range(len(ds)) if i not in drop]) if drop else ds
 
 
 def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
-    import datasets
-
-    from ..data import load_dataset_any, resolve_columns
+    from ..data import check_text_rows, empty_text_rows, load_dataset_any, resolve_columns
+    from ..labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
 
     d = cfg.data
     try:
@@ -257,62 +249,56 @@ def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
         raise ConfigError(f"the model is an image classifier but {d.dataset!r} has no image column; set "
                           "data.image_column or use a text model.")
     if text is not None and image is None:
-        for name, split in (("train", train), ("eval", evals)):
+        for name, split in ((d.train_split, train), (eval_split, evals)):
             if split is None:
                 continue
-            empty = _empty_rows(split, text)
-            if empty and not d.drop_empty_text:
-                raise ConfigError(f"{len(empty)} rows of the {name} split have empty {text!r} (first: row {empty[0]}); "
-                                  "remove them or set data.drop_empty_text: true.")
+            if not d.drop_empty_text:
+                try:
+                    check_text_rows(split, text, name, fix="remove them or set data.drop_empty_text: true")
+                except ValueError as err:
+                    raise ConfigError(str(err)) from err
         if d.drop_empty_text:
-            train = train.filter(lambda r: r[text] is not None and str(r[text]).strip() != "")
-            evals = evals.filter(lambda r: r[text] is not None and str(r[text]).strip() != "") \
-                if evals is not None else None
-    num_labels = cfg.model.num_labels
+            train = _drop_rows(train, empty_text_rows(train, text))
+            evals = _drop_rows(evals, empty_text_rows(evals, text)) if evals is not None else None
+    num_labels, labels = cfg.model.num_labels, None
     if label is not None and not causal:
-        feat = train.features[label]
-        if isinstance(feat, datasets.ClassLabel):
-            n_classes, values = feat.num_classes, set(train[label])
-        elif isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string"):
-            values = set(train[label])
-            n_classes = len(values)
-        elif isinstance(feat, datasets.Value) and (feat.dtype.startswith(("int", "uint")) or feat.dtype == "bool"):
-            values = {int(v) for v in train[label]}
-            if min(values) < 0:
-                raise ConfigError(f"label column {label!r} has negative values ({min(values)}); labels must be class "
-                                  "ids 0..K-1.")
-            n_classes = max(values) + 1
-        else:
-            raise ConfigError(f"label column {label!r} holds {feat} values, not integer class ids; convert it to "
-                              "integers 0..K-1 (or class-name strings), or set data.label_column.")
-        if len(values) < 2 and (cfg.finetune is not None or cfg.evaluate.enabled):
-            raise ConfigError(f"label column {label!r} of split {d.train_split!r} holds a single class "
-                              f"({next(iter(values))!r}); a classifier cannot learn from it: fix the data or "
-                              "data.label_column.")
-        if num_labels is not None and n_classes > num_labels:
-            raise ConfigError(f"model.num_labels is {num_labels} but the labels of {d.dataset!r} need {n_classes} "
-                              f"classes; set model.num_labels: {n_classes} (or remove it to use the data's count).")
-        trained = ckpt_config is not None and any(
-            a.endswith(("ForSequenceClassification", "ForImageClassification"))
-            for a in (getattr(ckpt_config, "architectures", None) or []))
-        if num_labels is None and trained and ckpt_config.num_labels != n_classes:
-            raise ConfigError(f"the checkpoint's classification head has {ckpt_config.num_labels} labels but the data "
-                              f"have {n_classes}; set model.num_labels: {n_classes} to replace the head with a new one.")
-        num_labels = num_labels or n_classes
+        head = trained_head(ckpt_config)
+        try:
+            labels = infer_num_labels(
+                train, label, evals, num_labels=num_labels, head_labels=head,
+                names=checkpoint_label_names(ckpt_config) if head else None, setting="model.num_labels",
+                min_classes=2 if cfg.finetune is not None or cfg.evaluate.enabled else 1,
+                train_split=d.train_split, eval_split=str(eval_split))
+        except ValueError as err:
+            raise ConfigError(str(err).replace("--label-column", "data.label_column")) from err
+        train = encode_labels(train, labels)
+        evals = encode_labels(evals, labels) if evals is not None else None
+        num_labels = labels.num_labels
     return {"train": train, "eval": evals, "text_column": text, "label_column": None if causal else label,
-            "image_column": image, "num_labels": num_labels, "eval_split": eval_split}
+            "image_column": image, "num_labels": num_labels, "eval_split": eval_split, "labels": labels}
+
+
+def check_push(cfg: RunConfig) -> None:
+    if not cfg.push.enabled:
+        return
+    from ..hub import check_repo_id
+
+    try:
+        check_repo_id(cfg.push.hub_model_id, "push.hub_model_id")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def check_run(cfg: RunConfig) -> Plan:
     """All checks, in the order a user would fix them; nothing is written and no weights are read."""
-    check_output_dir(cfg.output.output_dir)
+    check_output_dir(cfg.output.output_dir, (cfg.model.name_or_path, cfg.model.tokenizer, cfg.data.dataset))
+    check_push(cfg)
     model_path, task, ckpt_config = check_model(cfg)
     if task == "auto":
         task = "sequence-classification"
     tokenizer_path = check_tokenizer(cfg, model_path, task)
     data = check_data(cfg, task, ckpt_config)
-    if cfg.push.enabled and not re.match(r"^[\w.-]+/[\w.-]+$", cfg.push.hub_model_id or ""):
-        raise ConfigError(f"push.hub_model_id {cfg.push.hub_model_id!r} is not a repo id of the form user/name.")
     return Plan(model_path=model_path, tokenizer_path=tokenizer_path, task=task, num_labels=data["num_labels"],
                 train=data["train"], eval=data["eval"], text_column=data["text_column"],
-                label_column=data["label_column"], image_column=data["image_column"], eval_split=data["eval_split"])
+                label_column=data["label_column"], image_column=data["image_column"], eval_split=data["eval_split"],
+                labels=data["labels"])

@@ -17,24 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from ..config import PruneConfig
+from ..config import PruneConfig, short_repr
 from ..pcn.config import PCNConfig
 from ..train import FinetuneConfig
+from .config_files import ConfigError, check_size, key_text, read_config_file
 
 TASKS = ("auto", "sequence-classification", "image-classification", "causal-lm")
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot be used; the message names the key and the fix."""
-
-
 @dataclass
 class ModelSection:
     """Which checkpoint to start from.
@@ -65,13 +60,15 @@ class ModelSection:
         if (self.name_or_path is None) == (self.from_config is None):
             raise ConfigError("model: give exactly one of model.name_or_path (a checkpoint) and model.from_config "
                               "(a random model built from a config dict).")
+        if self.from_config is not None:
+            check_size(self.from_config, "model.from_config")
         if self.from_config is not None and "model_type" not in self.from_config:
             raise ConfigError("model.from_config needs a model_type key (e.g. model_type: bert).")
         if self.from_config is not None and self.tokenizer is None:
             raise ConfigError("model.from_config builds a model without a tokenizer: set model.tokenizer "
                               "(a folder, a Hub id or builtin:minilm).")
         if self.task not in TASKS:
-            raise ConfigError(f"model.task must be one of {', '.join(TASKS)}, got {self.task!r}.")
+            raise ConfigError(f"model.task must be one of {', '.join(TASKS)}, got {short_repr(self.task)}.")
         if self.num_labels is not None and self.num_labels < 1:
             raise ConfigError(f"model.num_labels must be >= 1, got {self.num_labels}.")
 
@@ -145,6 +142,14 @@ class EvaluateSection:
     metrics: list[str] | None = None
     batch_size: int = 32
 
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"evaluate.batch_size must be an integer >= 1, got {short_repr(self.batch_size)}; "
+                              "e.g. 32.")
+        if self.metrics is not None and not all(isinstance(m, str) and m for m in self.metrics):
+            raise ConfigError(f"evaluate.metrics must be a list of metric names or script paths, got "
+                              f"{short_repr(self.metrics)}; e.g. [accuracy, f1].")
+
 
 @dataclass
 class OutputSection:
@@ -160,7 +165,7 @@ class OutputSection:
 
     def __post_init__(self) -> None:
         if self.format not in ("dense", "sparse"):
-            raise ConfigError(f"output.format must be 'dense' or 'sparse', got {self.format!r}.")
+            raise ConfigError(f"output.format must be 'dense' or 'sparse', got {short_repr(self.format)}.")
 
 
 @dataclass
@@ -254,12 +259,25 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("NoneType", "null").replace("<class '", "").replace("'>", "")
 
 
+def _field_hints(cls: type) -> dict[str, Any]:
+    """Each field's annotation, evaluated; one naming a class imported only for type checkers counts as Any."""
+    namespace = vars(sys.modules[cls.__module__])
+    hints: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        try:
+            # the strings are this package's own source annotations (``from __future__ import annotations``)
+            hints[f.name] = eval(f.type, namespace) if isinstance(f.type, str) else f.type
+        except NameError:
+            hints[f.name] = Any
+    return hints
+
+
 def build_section(section: str, values: dict[str, Any] | None) -> Any:
     """Validate one section's dict into its dataclass; every error names ``section.key``."""
     cls, owned = SECTIONS[section]
     values = dict(values or {})
     names = [f.name for f in section_fields(section)]
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     for key, value in values.items():
         if key in owned:
             where = SHARED_KEYS.get(f"{section}.{key}")
@@ -267,9 +285,9 @@ def build_section(section: str, values: dict[str, Any] | None) -> Any:
                               + (f" from {where}; set {where} instead." if where else
                                  " (it manages output folders and resuming); remove it from the config."))
         if key not in names:
-            raise ConfigError(f"unknown key {section}.{key}.{_suggest(key, names)}")
+            raise ConfigError(f"unknown key {section}.{key_text(key)}.{_suggest(str(key)[:100], names)}")
         if not _type_ok(value, hints[key]):
-            raise ConfigError(f"{section}.{key} must be {_type_name(hints[key])}, got {value!r} "
+            raise ConfigError(f"{section}.{key} must be {_type_name(hints[key])}, got {short_repr(value)} "
                               f"({type(value).__name__}).")
     if section == "finetune" and isinstance(values.get("log_with"), list):
         values["log_with"] = tuple(values["log_with"])
@@ -306,9 +324,13 @@ class RunConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"a run config is a mapping of sections ({', '.join(SECTIONS)}), got "
                               f"{type(raw).__name__}.")
+        for section, values in raw.items():  # name the key at fault when there is one
+            for key, value in (values.items() if isinstance(values, dict) else ()):
+                check_size(value, f"{section}.{key_text(key)}")
+        check_size(raw, "the run config")
         for key in raw:
             if key not in SECTIONS:
-                raise ConfigError(f"unknown section {key!r}.{_suggest(str(key), list(SECTIONS))}")
+                raise ConfigError(f"unknown section {short_repr(key)}.{_suggest(str(key)[:100], list(SECTIONS))}")
         if "model" not in raw or raw["model"] is None:
             raise ConfigError("the config needs a model section (model.name_or_path or model.from_config).")
         kwargs: dict[str, Any] = {}
@@ -325,7 +347,7 @@ class RunConfig:
                 kwargs[section] = None
                 continue
             if not isinstance(values, dict):
-                raise ConfigError(f"section {section!r} must be a mapping of keys, got {values!r}.")
+                raise ConfigError(f"section {section!r} must be a mapping of keys, got {short_repr(values)}.")
             values = {k: v for k, v in values.items() if not (k == "enabled" and section in ("pcn", "prune", "finetune"))}
             kwargs[section] = build_section(section, values)
         return cls(**kwargs)
@@ -348,32 +370,13 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; pass the path of a YAML or JSON run config "
-                          "(examples in scripts/configs/).")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            raw = json.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text)
-    except Exception as err:  # noqa: BLE001 - yaml and json raise different types; both mean a broken file
-        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
-                          f"{str(err).splitlines()[0]}") from err
-    return raw if raw is not None else {}
-
-
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``{"prune.sparsity": 0.8}`` applied onto the raw dict (a null section is switched on by an override)."""
     raw = dict(raw) if isinstance(raw, dict) else raw
     valid = all_keys()
     for key, value in overrides.items():
         if key not in valid:
-            raise ConfigError(f"unknown key {key}.{_suggest(key, valid)}")
+            raise ConfigError(f"unknown key {key_text(key)}.{_suggest(str(key)[:100], valid)}")
         section, name = key.split(".", 1)
         current = raw.get(section)
         raw[section] = {**(current if isinstance(current, dict) else {}), name: value}

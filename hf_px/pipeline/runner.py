@@ -9,6 +9,7 @@ fine-tuning and evaluation run on every process, the other stages on the main pr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import os
@@ -19,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..folders import RUN_MARKER, FolderLockedError, folder_lock
 from . import steps
-from .checks import RUN_MARKER, check_run
+from .checks import check_run
 from .config import ConfigError, RunConfig
-from .stages import STAGE_NAMES, Stage, clean_leftovers, fingerprint, stage_dirname, write_json_atomic
+from .stages import STAGE_NAMES, Stage, clean_leftovers, fingerprint, write_json_atomic
 
 DISTRIBUTED = ("finetune", "evaluate")
 
@@ -137,16 +139,44 @@ def run(
     world, state = _world()
     is_main = state is None or state.is_main_process
     root = Path(cfg.output.output_dir).expanduser().absolute()
+    with contextlib.ExitStack() as held:
+        busy = None
+        if is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                held.enter_context(folder_lock(root))
+            except FolderLockedError as err:
+                busy = str(err)
+        busy = _from_main(state, busy)
+        if busy is not None:
+            raise RunError(busy)
+        return _run_locked(cfg, plan, root, state, is_main, world, force, progress)
 
+
+def _from_main(state: Any, value: str | None) -> str | None:
+    """The main process's ``value`` on every process, so that all of them stop together."""
+    if state is None:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool, world: int, force: bool,
+                progress: bool) -> RunResult:
     def barrier() -> None:
         if state is not None:
             state.wait_for_everyone()
 
+    # stages switched off keep their folders from earlier configs: nothing of this run reads them (they are not
+    # in ctx.stages) and a later run that switches them back on re-uses or redoes them by fingerprint
+    off = [name for name in STAGE_NAMES if not enabled(cfg, name)]
     if is_main:
-        root.mkdir(parents=True, exist_ok=True)
         clean_leftovers(root)
         write_json_atomic(root / RUN_MARKER, {"config": cfg.to_dict(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                              "world_size": world})
+                                              "world_size": world, "stages_off": off})
     barrier()
     ctx = steps.Context(cfg=cfg, plan=plan, root=root, progress=progress, is_main=is_main)
     status: dict[str, str] = {}
@@ -155,10 +185,8 @@ def run(
     try:
         for name in STAGE_NAMES:
             current = name
-            if not enabled(cfg, name):
+            if name in off:
                 status[name] = "off"
-                if is_main and (root / stage_dirname(name)).exists():
-                    shutil.rmtree(root / stage_dirname(name))  # output of an earlier config: not part of this run
                 continue
             fp = fingerprint({"stage": name, "inputs": _inputs(cfg, name), "upstream": upstream})
             stage = Stage(root, name, fp)

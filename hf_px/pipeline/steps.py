@@ -63,6 +63,7 @@ def random_init_config(ctx: Context):
     """The transformers config of a ``model.from_config`` model (vocab from the tokenizer, labels from the data)."""
     import transformers
 
+    from ..labels import set_label_names
     from ..modeling import CLASSIFICATION_TASKS
 
     fields = dict(ctx.cfg.model.from_config)
@@ -75,6 +76,8 @@ def random_init_config(ctx: Context):
     fields.setdefault("pad_token_id", getattr(tok, "pad_token_id", None))
     config = transformers.AutoConfig.for_model(model_type, **fields)
     config._attn_implementation = "eager"
+    if ctx.plan.task in CLASSIFICATION_TASKS:
+        set_label_names(config, ctx.plan.labels)
     return config
 
 
@@ -82,15 +85,19 @@ def source_model(ctx: Context) -> torch.nn.Module:
     """The starting model; a new head (or a from_config model) is initialised with data.seed."""
     from transformers import set_seed
 
-    from ..modeling import TASKS, load_model
+    from ..labels import set_label_names
+    from ..modeling import CLASSIFICATION_TASKS, TASKS, load_model
 
     cfg, plan = ctx.cfg, ctx.plan
     set_seed(cfg.data.seed)
     if cfg.model.from_config is not None:
         return TASKS[plan.task].from_config(random_init_config(ctx)).eval()
-    return load_model(plan.model_path, plan.task, plan.num_labels,  # ignored for tasks without a label head
-                      trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle,
-                      gguf_file=cfg.model.gguf_file)
+    model = load_model(plan.model_path, plan.task, plan.num_labels,  # ignored for tasks without a label head
+                       trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle,
+                       gguf_file=cfg.model.gguf_file)
+    if plan.task in CLASSIFICATION_TASKS:  # every later stage loads this config, so the saved model names its classes
+        set_label_names(model.config, plan.labels)
+    return model
 
 
 def current_model(ctx: Context) -> torch.nn.Module:
