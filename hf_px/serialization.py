@@ -76,6 +76,14 @@ def _atomic_dir(target: pathlib.Path) -> Iterator[pathlib.Path]:
     """Yield a fresh temp folder beside ``target``; on success it replaces ``target``, on error it vanishes."""
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"'{target}' exists and is not a folder; choose another save directory.")
+    if target.is_dir() and any(target.iterdir()):
+        # replacing the folder deletes everything in it: only an earlier hf_px save may be replaced
+        from .folders import protected_reason
+
+        reason = protected_reason(target)
+        if reason is not None or not (target / "hf_px.json").is_file():
+            raise FileExistsError(f"'{target}' {reason or 'holds files that hf_px did not write (no hf_px.json)'}; "
+                                  "saving would replace the whole folder: choose a new or empty folder.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -443,3 +443,20 @@ def test_lfs_uploads_that_keep_failing_end_in_a_hub_push_error(tmp_path, fake_hu
     assert snapshot(tmp_path) == before
     fake_hub.lfs_put_status = None  # the same push goes through once storage is back
     assert "/commit/" in hub_mod.push_to_hub(folder, "tester/lfs-down")
+
+
+def test_python_save_pretrained_replaces_only_an_earlier_hf_px_save(tmp_path):
+    from hf_px.serialization import save_pretrained
+
+    model = tiny("bert")
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    before = snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match="did not write") as err:
+        save_pretrained(model, users)
+    one_line(str(err.value))
+    assert snapshot(tmp_path) == before  # nothing created beside it, nothing deleted in it
+
+    out = save_pretrained(model, tmp_path / "out")
+    assert save_pretrained(model, out) == out and (out / "hf_px.json").is_file()  # its own save: replaced
