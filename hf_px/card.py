@@ -130,6 +130,7 @@ def build_card(
     template_path: str | os.PathLike | None = None,
     repo_id: str | None = None,
     plots: list[tuple[str, str]] | None = None,
+    baseline: list[dict] | None = None,
 ) -> ModelCard:
     """Render the model card of a pruned checkpoint.
 
@@ -146,6 +147,8 @@ def build_card(
         template_path: a Jinja markdown template; default ``model_cards/default.md``.
         repo_id: where the checkpoint will live, used in the load snippet.
         plots: ``(caption, relative path)`` of images stored with the checkpoint, shown in a Plots section.
+        baseline: the dense model's scores beside this model's, as :func:`hf_px.evaluation.baseline_rows` gives
+            them (``metric``, ``dense``, ``value``, ``retained``); the Evaluation section then compares the two.
 
     Example:
         >>> card = build_card({"method": "px", "target_sparsity": 0.9, "achieved_sparsity": 0.9,
@@ -216,6 +219,8 @@ def build_card(
         pcn=_pcn_section(report.get("pcn")),
         finetune_rows=[(k, _fmt(v)) for k, v in (report.get("finetune") or {}).items()],
         metric_rows=[(k, _fmt(v)) for k, v in flat],
+        baseline_rows=[(r["metric"], _fmt(r["dense"]), _fmt(r["value"]),
+                        "-" if r["retained"] is None else f"{100 * r['retained']:.1f}%") for r in baseline or []],
         eval_dataset=dataset,
         plots=plots or [],
     )

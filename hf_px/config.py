@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 # each round re-scores the whole model, so even 1,000 rounds take hours on a large checkpoint; the cap keeps a
 # typo (1e9) from running for ever
 MAX_ROUNDS = 10_000
+SOURCES = ("pretrained", "teacher")  # what hf-px run compresses: the loaded checkpoint or its fine-tuned teacher
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
@@ -62,6 +63,10 @@ class PruneConfig:
         generic: prune unregistered architectures (every Linear in the repeated blocks).
         seed: seed for random scores and probes.
         pcn: optional PCN width reduction applied before PX (``hf_px.pcn.PCNConfig``).
+        source: the weights ``hf-px run`` compresses (PCN and pruning): ``pretrained``, the checkpoint as loaded
+            (the PX paper's setting: scores from the pretrained weights on downstream batches), or ``teacher``,
+            the dense model after the run's teacher stage fine-tuned it on the task. :func:`hf_px.prune` itself
+            prunes whatever model it is given.
 
     Example:
         >>> PruneConfig(method="px", sparsity=0.9, rounds=20).density
@@ -80,6 +85,7 @@ class PruneConfig:
     generic: bool = False
     seed: int = 0
     pcn: Any = None
+    source: str = "pretrained"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,6 +121,8 @@ class PruneConfig:
             raise ValueError(f"min_density_ratio must be in [0, 1], got {short_repr(self.min_density_ratio)}.")
         if self.rescale is not None and not (_finite(self.rescale) and self.rescale > 0):
             raise ValueError(f"rescale must be a finite positive constant or None, got {short_repr(self.rescale)}.")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {short_repr(self.source)}.")
 
     @property
     def density(self) -> float:

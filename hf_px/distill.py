@@ -60,7 +60,8 @@ class DistillConfig:
     Args:
         teacher: the dense model, an ``nn.Module`` (moved to the training device, put in eval mode and frozen in
             place) or a checkpoint folder / Hub id loaded with :func:`hf_px.load` on every process. It must use
-            the student's tokenizer and output space (same labels, or same vocabulary for a causal LM).
+            the student's tokenizer and output space (same labels, or same vocabulary for a causal LM). ``None``
+            leaves it to be filled in later: ``hf-px run`` passes the model of its teacher stage.
         temperature: T > 0 that softens both distributions before the KL; 2.0 by default.
         alpha: share of the KL term against the label loss, in [0, 1]. The default 0.5 weighs both equally
             (the T**2 factor makes the two comparable); 0 trains on labels only (the teacher still runs and its
@@ -97,7 +98,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if isinstance(self.teacher, os.PathLike):
             self.teacher = os.fspath(self.teacher)
-        if not isinstance(self.teacher, (nn.Module, str)) or self.teacher == "":
+        if self.teacher is not None and (not isinstance(self.teacher, (nn.Module, str)) or self.teacher == ""):
             raise ValueError("teacher must be an nn.Module or a checkpoint folder / Hub id (str), got "
                              f"{type(self.teacher).__name__}; e.g. DistillConfig(teacher='out/dense').")
         if not _real(self.temperature) or self.temperature <= 0:
@@ -340,6 +341,9 @@ def build_distiller(config: DistillConfig | Mapping[str, Any] | None, student: n
         config = DistillConfig(**config)
     if not isinstance(config, DistillConfig):
         raise TypeError(f"FinetuneConfig.distill must be a hf_px.DistillConfig or None, got {type(config).__name__}.")
+    if config.teacher is None:
+        raise ValueError("DistillConfig.teacher is None: pass the dense model or its checkpoint folder, e.g. "
+                         "DistillConfig(teacher='out/dense').")
     base_cfg = getattr(_base(student), "config", None)
     if train_data.task_of(student) == "classification" and (
             getattr(base_cfg, "problem_type", None) == "regression" or getattr(base_cfg, "num_labels", 2) == 1):

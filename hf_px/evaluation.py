@@ -130,3 +130,30 @@ def evaluate_model(accelerator: Any, model: nn.Module, loader: Any, task: str, m
         result.update({f"eval_{k}": v for k, v in
                        _compute(metric, name, num_labels, predictions=p.tolist(), references=r.tolist()).items()})
     return result
+
+
+# metrics where lower is better: a ratio to the dense model's value is no "share kept"
+_LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def retained(name: str, value: Any, dense: Any) -> float | None:
+    """The share of the dense model's score a compressed model keeps: ``value / dense``.
+
+    Only for higher-is-better metrics (accuracy, F1, ...); ``None`` for losses and perplexity, for missing values
+    and for a dense score of 0.
+
+    Example:
+        >>> retained("eval_accuracy", 0.86, 0.88), retained("eval_loss", 0.4, 0.3)
+        (0.9772727272727273, None)
+    """
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, dense))
+    if not numbers or not dense or any(word in name for word in _LOWER_IS_BETTER):
+        return None
+    return float(value) / float(dense)
+
+
+def baseline_rows(metrics: dict[str, Any] | None, dense: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per metric the two runs share: ``{"metric", "dense", "value", "retained"}``."""
+    metrics, dense = metrics or {}, dense or {}
+    return [{"metric": k, "dense": dense[k], "value": metrics[k], "retained": retained(k, metrics[k], dense[k])}
+            for k in metrics if k in dense]

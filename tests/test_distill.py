@@ -286,7 +286,8 @@ def test_freeze_embeddings_keeps_them_bit_identical_and_out_of_the_optimizer(mon
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"teacher": None}, "teacher"),
+    ({"teacher": 3}, "teacher"),
+    ({"teacher": ""}, "teacher"),
     ({"temperature": 0}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"alpha": 1.5}, "alpha"),
@@ -299,6 +300,12 @@ def test_freeze_embeddings_keeps_them_bit_identical_and_out_of_the_optimizer(mon
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistillConfig(**{"teacher": "out/dense", **kwargs})
+
+
+def test_a_teacher_left_unset_is_refused_when_training_starts():
+    cfg = FinetuneConfig(max_steps=1, progress_bar=False, distill=DistillConfig(teacher=None))
+    with pytest.raises(ValueError, match="teacher is None"):
+        hf_px.finetune(tiny("bert"), _data(), config=cfg)
 
 
 def test_config_round_trips_through_to_dict_and_rejects_a_shared_teacher():

@@ -289,15 +289,38 @@ def check_push(cfg: RunConfig) -> None:
         raise ConfigError(str(err)) from err
 
 
+def check_teacher(cfg: RunConfig, path: str, task: str, num_labels: int | None) -> None:
+    """``teacher.checkpoint``: a readable checkpoint folder (or Hub id) whose head fits the data's labels."""
+    from ..modeling import CLASSIFICATION_TASKS, check_model_source
+
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if _local(path):
+            raise ConfigError(f"teacher.checkpoint {path!r} does not exist; pass the folder of a dense model "
+                              "fine-tuned on this task, or remove the key to train the teacher.")
+        return  # a Hub id: checked when it is downloaded
+    try:
+        check_model_source(str(folder), allow_pickle=cfg.model.allow_pickle)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"teacher.checkpoint: {err}".replace("--allow-pickle", "model.allow_pickle: true")) from err
+    config = _read_config(folder, cfg.model.trust_remote_code)
+    if task in CLASSIFICATION_TASKS and num_labels is not None and getattr(config, "num_labels", None) != num_labels:
+        raise ConfigError(f"teacher.checkpoint {path!r} has a head with {config.num_labels} labels but the data have "
+                          f"{num_labels}; pass a teacher fine-tuned on this task, or remove the key to train one.")
+
+
 def check_run(cfg: RunConfig) -> Plan:
     """All checks, in the order a user would fix them; nothing is written and no weights are read."""
-    check_output_dir(cfg.output.output_dir, (cfg.model.name_or_path, cfg.model.tokenizer, cfg.data.dataset))
+    teacher = cfg.teacher.checkpoint if cfg.teacher is not None else None
+    check_output_dir(cfg.output.output_dir, (cfg.model.name_or_path, cfg.model.tokenizer, cfg.data.dataset, teacher))
     check_push(cfg)
     model_path, task, ckpt_config = check_model(cfg)
     if task == "auto":
         task = "sequence-classification"
     tokenizer_path = check_tokenizer(cfg, model_path, task)
     data = check_data(cfg, task, ckpt_config)
+    if teacher is not None:
+        check_teacher(cfg, teacher, task, data["num_labels"])
     return Plan(model_path=model_path, tokenizer_path=tokenizer_path, task=task, num_labels=data["num_labels"],
                 train=data["train"], eval=data["eval"], text_column=data["text_column"],
                 label_column=data["label_column"], image_column=data["image_column"], eval_split=data["eval_split"],

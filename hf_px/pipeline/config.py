@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..config import PruneConfig, short_repr
+from ..distill import DistillConfig
 from ..pcn.config import PCNConfig
 from ..train import FinetuneConfig
 from .config_files import ConfigError, check_size, key_text, read_config_file
@@ -169,6 +170,21 @@ class OutputSection:
 
 
 @dataclass
+class TeacherSection:
+    """The dense teacher: the starting model fine-tuned on the task with the ``finetune`` section's recipe (no
+    masks, no distillation), before anything is pruned. Its evaluation is the run's dense baseline, which the
+    report and the model card compare the pruned model with; ``distill`` learns from it and ``prune.source:
+    teacher`` compresses it. The section is switched on by either of those, or by being present.
+
+    Args:
+        checkpoint: a dense checkpoint already fine-tuned on this task (same labels) to use instead of training
+            one; the stage then only evaluates it.
+    """
+
+    checkpoint: str | None = None
+
+
+@dataclass
 class PushSection:
     """Upload of the final folder (model, card, plots) to the Hub.
 
@@ -204,7 +220,10 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     "data": (DataSection, ()),
     "pcn": (PCNConfig, ()),
     "prune": (PruneConfig, ("pcn", "extra")),
-    "finetune": (FinetuneConfig, ("output_dir", "resume", "max_length", "text_column", "label_column", "metrics")),
+    "teacher": (TeacherSection, ()),
+    "finetune": (FinetuneConfig, ("output_dir", "resume", "max_length", "text_column", "label_column", "metrics",
+                                  "distill")),
+    "distill": (DistillConfig, ("teacher",)),
     "evaluate": (EvaluateSection, ()),
     "output": (OutputSection, ()),
     "push": (PushSection, ()),
@@ -214,7 +233,9 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
 SHARED_KEYS = {"finetune.max_length": "data.max_length", "finetune.text_column": "data.text_column",
                "finetune.label_column": "data.label_column", "finetune.metrics": "evaluate.metrics"}
 # sections that are off unless present in the file; the others get their defaults when absent
-OPTIONAL = ("pcn",)
+OPTIONAL = ("pcn", "teacher", "distill")
+# sections that ``null`` or ``enabled: false`` switches off (the others cannot be null)
+SWITCHABLE = ("pcn", "prune", "teacher", "finetune", "distill")
 
 
 def section_fields(section: str) -> list[dataclasses.Field]:
@@ -306,18 +327,31 @@ def build_section(section: str, values: dict[str, Any] | None) -> Any:
 class RunConfig:
     """The whole pipeline: load -> calibrate -> PCN -> PX -> fine-tune -> evaluate -> save -> report -> card -> push.
 
-    ``pcn``, ``prune`` and ``finetune`` are ``None`` when their stage is skipped.
+    ``teacher``, ``pcn``, ``prune``, ``finetune`` and ``distill`` are ``None`` when switched off.
     """
 
     model: ModelSection
     data: DataSection = field(default_factory=DataSection)
+    teacher: TeacherSection | None = None
     pcn: PCNConfig | None = None
     prune: PruneConfig | None = field(default_factory=PruneConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
+    distill: DistillConfig | None = None
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     output: OutputSection = field(default_factory=OutputSection)
     push: PushSection = field(default_factory=PushSection)
     report: ReportSection = field(default_factory=ReportSection)
+
+    def __post_init__(self) -> None:
+        wants_teacher = self.distill is not None or (self.prune is not None and self.prune.source == "teacher")
+        if self.teacher is None and wants_teacher:
+            self.teacher = TeacherSection()
+        if self.distill is not None and self.finetune is None:
+            raise ConfigError("distill learns from the teacher while fine-tuning, but the finetune section is off; "
+                              "add a finetune section or remove distill.")
+        if self.teacher is not None and self.teacher.checkpoint is None and self.finetune is None:
+            raise ConfigError("the teacher stage fine-tunes the dense model with the finetune section's recipe, but "
+                              "finetune is off; add a finetune section or set teacher.checkpoint.")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
@@ -341,14 +375,14 @@ class RunConfig:
                 continue
             values = raw[section]
             if values is None or (isinstance(values, dict) and values.get("enabled") is False
-                                  and section in ("pcn", "prune", "finetune")):
-                if section in ("model", "data", "output", "evaluate", "report", "push"):
+                                  and section in SWITCHABLE):
+                if section not in SWITCHABLE:
                     raise ConfigError(f"section {section!r} cannot be null; remove it to get the defaults.")
                 kwargs[section] = None
                 continue
             if not isinstance(values, dict):
                 raise ConfigError(f"section {section!r} must be a mapping of keys, got {short_repr(values)}.")
-            values = {k: v for k, v in values.items() if not (k == "enabled" and section in ("pcn", "prune", "finetune"))}
+            values = {k: v for k, v in values.items() if not (k == "enabled" and section in SWITCHABLE)}
             kwargs[section] = build_section(section, values)
         return cls(**kwargs)
 

@@ -1,21 +1,22 @@
 """``hf_px.run``: the whole pipeline, stage by stage, resumable.
 
-Stages (each in its own folder under the run directory, complete only when its manifest is written):
-calibrate -> pcn -> prune -> finetune -> evaluate -> save -> report -> card -> push. PCN runs before PX so
-that PX prunes the model that is shipped (projecting after masking would refill the pruned weights). A re-run
-skips every stage whose manifest matches its inputs; ``force=True`` redoes them all. Under ``accelerate launch``
-fine-tuning and evaluation run on every process, the other stages on the main process while the rest wait.
+Stages (each in its own folder under the run directory, complete only when its manifest is written; the list is
+:data:`hf_px.pipeline.table.STAGES`): teacher -> calibrate -> pcn -> prune -> finetune -> evaluate -> save ->
+report -> card -> push. PCN runs before PX so that PX prunes the model that is shipped (projecting after masking
+would refill the pruned weights). A re-run skips every stage whose manifest matches its inputs; ``force=True``
+redoes them all. Under ``accelerate launch`` the teacher, fine-tuning and evaluation run on every process, the
+other stages on the main process while the rest wait.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,8 @@ from ..folders import RUN_MARKER, FolderLockedError, folder_lock
 from . import steps
 from .checks import check_run
 from .config import ConfigError, RunConfig
-from .stages import STAGE_NAMES, Stage, clean_leftovers, fingerprint, write_json_atomic
-
-DISTRIBUTED = ("finetune", "evaluate")
+from .stages import Stage, clean_leftovers, fingerprint, write_json_atomic
+from .table import FOLDERS, STAGES, StageSpec
 
 
 class RunError(RuntimeError):
@@ -46,35 +46,6 @@ class RunResult:
     @property
     def metrics(self) -> dict[str, float]:
         return self.report.get("evaluate") or {}
-
-
-def enabled(cfg: RunConfig, name: str) -> bool:
-    return {
-        "calibrate": cfg.pcn is not None or cfg.prune is not None,
-        "pcn": cfg.pcn is not None,
-        "prune": cfg.prune is not None,
-        "finetune": cfg.finetune is not None,
-        "evaluate": cfg.evaluate.enabled,
-        "push": cfg.push.enabled,
-    }.get(name, True)
-
-
-def _inputs(cfg: RunConfig, name: str) -> Any:
-    d = cfg.to_dict()
-    ft = dict(d["finetune"] or {})
-    for cosmetic in ("progress_bar", "log_every"):
-        ft.pop(cosmetic, None)
-    return {
-        "calibrate": [d["model"], d["data"]],
-        "pcn": d["pcn"],
-        "prune": d["prune"],
-        "finetune": ft,
-        "evaluate": d["evaluate"],
-        "save": d["output"]["format"],
-        "report": [d["report"], importlib.util.find_spec("matplotlib") is not None],
-        "card": d["push"]["hub_model_id"],
-        "push": d["push"],
-    }[name]
 
 
 def _load_config(config: RunConfig | str | os.PathLike | dict, overrides: dict[str, Any] | None) -> RunConfig:
@@ -115,7 +86,7 @@ def run(
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Run load -> calibrate -> PCN -> PX -> fine-tune -> evaluate -> save -> report -> card -> push.
+    """Run load -> teacher -> calibrate -> PCN -> PX -> fine-tune -> evaluate -> save -> report -> card -> push.
 
     Args:
         config: a :class:`RunConfig`, a dict of sections, or a YAML/JSON file path.
@@ -172,24 +143,25 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
 
     # stages switched off keep their folders from earlier configs: nothing of this run reads them (they are not
     # in ctx.stages) and a later run that switches them back on re-uses or redoes them by fingerprint
-    off = [name for name in STAGE_NAMES if not enabled(cfg, name)]
+    off = [spec.name for spec in STAGES if not spec.enabled(cfg)]
     if is_main:
         clean_leftovers(root)
         write_json_atomic(root / RUN_MARKER, {"config": cfg.to_dict(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                               "world_size": world, "stages_off": off})
     barrier()
-    ctx = steps.Context(cfg=cfg, plan=plan, root=root, progress=progress, is_main=is_main)
+    ctx = steps.Context(cfg=cfg, plan=plan, root=root, folders=FOLDERS, progress=progress, is_main=is_main)
+    config_values = cfg.to_dict()
     status: dict[str, str] = {}
     upstream: list[str] = []
     current = None
     try:
-        for name in STAGE_NAMES:
-            current = name
+        for spec in STAGES:
+            name = current = spec.name
             if name in off:
                 status[name] = "off"
                 continue
-            fp = fingerprint({"stage": name, "inputs": _inputs(cfg, name), "upstream": upstream})
-            stage = Stage(root, name, fp)
+            fp = fingerprint({"stage": name, "inputs": spec.inputs(config_values), "upstream": upstream})
+            stage = Stage(ctx.stage_path(name), name, fp)
             barrier()
             state_now = "forced" if force else stage.status()
             if state_now == "complete":
@@ -198,21 +170,19 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
             else:
                 _say(f"{stage.path.name}: running" + ("" if state_now == "missing" else f" ({state_now})"), is_main)
                 t0 = time.perf_counter()
-                _run_stage(ctx, stage, name, fp, is_main, force)
+                _run_stage(ctx, spec, stage, is_main, force, barrier)
                 barrier()
                 _say(f"{stage.path.name}: done in {time.perf_counter() - t0:.1f} s", is_main)
                 status[name] = "ran"
             ctx.stages[name] = stage
             upstream.append(stage.content_hash())
-            if name == "report" and is_main:
-                from .summary import publish_report
-
-                publish_report(ctx)
+            if spec.after is not None and is_main:
+                spec.after(ctx)
     except KeyboardInterrupt:
         if is_main:
             print(f"\n[hf-px run] interrupted during stage {current!r}. Completed stages are kept in {root}; nothing "
                   "half-written was left. Run the same command again to resume"
-                  + (" (fine-tuning continues from its last checkpoint)." if current == "finetune" else "."),
+                  + (" (fine-tuning continues from its last checkpoint)." if current in _RESUMABLE else "."),
                   file=sys.stderr, flush=True)
         raise
     except OSError as err:
@@ -229,20 +199,28 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
     return RunResult(output_dir=root, stages=status, report=report, model_dir=model_dir if model_dir.exists() else None, is_main_process=is_main)
 
 
-def _run_stage(ctx: steps.Context, stage: Stage, name: str, fp: str, is_main: bool, force: bool) -> None:
-    func = getattr(steps, name)
-    if name == "finetune" and force and is_main:
-        shutil.rmtree(steps.finetune_work_dir(ctx), ignore_errors=True)
-    extra = (fp,) if name == "finetune" else ()
-    if name in DISTRIBUTED and not is_main:
-        func(ctx, None, {}, *extra)
-        return
+_RESUMABLE = {spec.name for spec in STAGES if spec.resumable}
+
+
+def _run_stage(ctx: steps.Context, spec: StageSpec, stage: Stage, is_main: bool, force: bool,
+               barrier: Callable[[], None]) -> None:
+    work = ctx.work_dir(spec.name) if spec.resumable else None
+    if work is not None:
+        if is_main:
+            stamp = work / "fingerprint"
+            if work.exists() and (force or not stamp.exists() or stamp.read_text() != stage.fingerprint):
+                shutil.rmtree(work)  # checkpoints of other inputs must not be resumed
+            work.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(stage.fingerprint)
+        barrier()
     if not is_main:
+        if spec.every_rank:
+            spec.work(ctx, None, {})
         return
     with stage.writing() as (tmp, summary):
-        func(ctx, tmp, summary, *extra)
-    if name == "finetune":
-        shutil.rmtree(steps.finetune_work_dir(ctx), ignore_errors=True)
+        spec.work(ctx, tmp, summary)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 __all__ = ["ConfigError", "RunConfig", "RunError", "RunResult", "run"]

@@ -20,12 +20,6 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-# run order; the folder of stage i is f"{i:02d}-{name}"
-STAGE_NAMES = ("calibrate", "pcn", "prune", "finetune", "evaluate", "save", "report", "card", "push")
-
-
-def stage_dirname(name: str) -> str:
-    return f"{STAGE_NAMES.index(name):02d}-{name}"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -62,11 +56,11 @@ def _files(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 class Stage:
-    """One stage's folder under the run directory."""
+    """One stage's folder (``path``, directly under the run directory)."""
 
-    def __init__(self, root: Path, name: str, fingerprint: str):
-        self.root, self.name, self.fingerprint = Path(root), name, fingerprint
-        self.path = self.root / stage_dirname(name)
+    def __init__(self, path: Path, name: str, fingerprint: str):
+        self.path, self.name, self.fingerprint = Path(path), name, fingerprint
+        self.root = self.path.parent
 
     @property
     def manifest_path(self) -> Path:

@@ -19,7 +19,7 @@ import torch
 
 from .checks import Plan
 from .config import RunConfig
-from .stages import Stage, copy_tree, stage_dirname, write_json_atomic
+from .stages import Stage, copy_tree, write_json_atomic
 
 BATCHES_FILE = "batches.safetensors"
 MASKS_FILE = "masks.safetensors"
@@ -30,13 +30,18 @@ class Context:
     cfg: RunConfig
     plan: Plan
     root: Path
+    folders: dict[str, str]  # stage name -> its folder's name under root
     stages: dict[str, Stage] = field(default_factory=dict)  # completed or enabled stages by name
     progress: bool = True
     is_main: bool = True
     _processor: Any = None
 
     def stage_path(self, name: str) -> Path:
-        return self.root / stage_dirname(name)
+        return self.root / self.folders[name]
+
+    def work_dir(self, name: str) -> Path:
+        """Where a resumable stage keeps its checkpoints until it is complete."""
+        return self.root / f"{self.folders[name]}.work"
 
     def has(self, name: str) -> bool:
         return name in self.stages
@@ -55,7 +60,14 @@ class Context:
         for name in ("finetune", "prune", "pcn"):
             if self.has(name):
                 return self.stage_path(name) / "model"
-        return None
+        return self.teacher_dir() if self.compresses_teacher() else None
+
+    def teacher_dir(self) -> Path:
+        return self.stage_path("teacher") / "model"
+
+    def compresses_teacher(self) -> bool:
+        """PCN and pruning start from the teacher stage's fine-tuned weights (``prune.source: teacher``)."""
+        return self.cfg.prune is not None and self.cfg.prune.source == "teacher" and self.has("teacher")
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -101,6 +113,7 @@ def source_model(ctx: Context) -> torch.nn.Module:
 
 
 def current_model(ctx: Context) -> torch.nn.Module:
+    """The model the last completed model stage saved (the starting model when there is none)."""
     folder = ctx.latest_model_dir()
     if folder is None:
         return source_model(ctx)
@@ -166,7 +179,7 @@ def calibrate(ctx: Context, tmp: Path, summary: dict) -> None:
 def pcn(ctx: Context, tmp: Path, summary: dict) -> None:
     from ..pcn import apply_pcn
 
-    model = source_model(ctx)
+    model = current_model(ctx)  # the starting model, or the teacher with prune.source: teacher
     report = apply_pcn(model, load_batches(ctx), ctx.cfg.pcn)
     model = report.model if report.model is not None else model
     save_model(model, tmp / "model", ctx, metadata={"pcn": report.to_dict()})
@@ -193,57 +206,85 @@ def prune(ctx: Context, tmp: Path, summary: dict) -> None:
                    achieved_sparsity=result.report["achieved_sparsity"], time_s=result.report["time_s"])
 
 
-def finetune_work_dir(ctx: Context) -> Path:
-    return ctx.root / f"{stage_dirname('finetune')}.work"
-
-
-def finetune(ctx: Context, tmp: Path | None, summary: dict, fingerprint: str) -> None:
-    """Runs on every process; checkpoints go to a work folder that survives an interrupt (resume point)."""
+def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill: Any = None) -> Any:
+    """Fine-tune ``model`` with the finetune recipe (every process); checkpoints go to the stage's work folder."""
     from ..train import finetune as run_finetune
 
-    work = finetune_work_dir(ctx)
-    stamp = work / "fingerprint"
-    if ctx.is_main:
-        if work.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
-            shutil.rmtree(work)  # checkpoints of other inputs must not be resumed
-        work.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(fingerprint)
-    _barrier()
-    resume = any((work / "checkpoints").glob("step_*")) if (work / "checkpoints").exists() else False
+    work = ctx.work_dir(name)
     ft = ctx.cfg.finetune
-    config = dataclasses.replace(ft, output_dir=str(work), resume=resume,
+    config = dataclasses.replace(ft, output_dir=str(work), resume=any((work / "checkpoints").glob("step_*")),
                                  save_every=ft.save_every or 100, save_total_limit=ft.save_total_limit or 2,
                                  progress_bar=ft.progress_bar and ctx.progress,
                                  label_column=ctx.plan.label_column or "label", text_column=ctx.plan.text_column,
-                                 max_length=ctx.cfg.data.max_length,
+                                 max_length=ctx.cfg.data.max_length, distill=distill,
                                  metrics=tuple(ctx.cfg.evaluate.metrics) if ctx.cfg.evaluate.metrics else None)
-    model = current_model(ctx)
-    masks = load_masks(ctx.stage_path("prune") / MASKS_FILE) if ctx.has("prune") else {}
-    out = run_finetune(model, ctx.plan.train, ctx.plan.eval, config, tokenizer=ctx.processor(), masks=masks)
-    if not ctx.is_main:
-        return
+    return run_finetune(model, ctx.plan.train, ctx.plan.eval, config, tokenizer=ctx.processor(), masks=masks)
+
+
+def _keep_training_outputs(ctx: Context, name: str, out: Any, tmp: Path, summary: dict) -> None:
+    work = ctx.work_dir(name)
     shutil.move(str(work / "model"), str(tmp / "model"))
     shutil.copy2(work / "results.json", tmp / "results.json")
     if (work / "logs" / "metrics.jsonl").exists():
         shutil.copy2(work / "logs" / "metrics.jsonl", tmp / "metrics.jsonl")
-    if ctx.has("prune"):
-        shutil.copy2(ctx.stage_path("prune") / MASKS_FILE, tmp / MASKS_FILE)
     summary.update(steps=out.global_step, metrics=out.metrics, world_size=out.world_size,
                    resumed_from=os.path.basename(out.resumed_from) if out.resumed_from else None,
                    sparsity=out.sparsity)
 
 
-def evaluate(ctx: Context, tmp: Path | None, summary: dict) -> None:
+def teacher(ctx: Context, tmp: Path | None, summary: dict) -> None:
+    """The dense teacher (every process): the starting model fine-tuned with the finetune recipe, no masks, no
+    distillation; or ``teacher.checkpoint`` as given. Its evaluation is the run's dense baseline."""
+    given = ctx.cfg.teacher.checkpoint
+    if given is None:
+        out = _train(ctx, "teacher", source_model(ctx), masks={})
+        if tmp is not None:
+            _keep_training_outputs(ctx, "teacher", out, tmp, summary)
+        return
+    from ..serialization import load
+
+    model = load(given, trust_remote_code=ctx.cfg.model.trust_remote_code).eval()
+    metrics = _eval_metrics(ctx, model)
+    if tmp is None:
+        return
+    save_model(model, tmp / "model", ctx)
+    write_json_atomic(tmp / "metrics.json", metrics)
+    summary.update(checkpoint=str(Path(given).expanduser().absolute()), steps=0, metrics=metrics)
+
+
+def finetune(ctx: Context, tmp: Path | None, summary: dict) -> None:
+    """Runs on every process; checkpoints go to a work folder that survives an interrupt (resume point)."""
+    distill = None
+    if ctx.cfg.distill is not None:
+        distill = dataclasses.replace(ctx.cfg.distill, teacher=str(ctx.teacher_dir()))
+    masks = load_masks(ctx.stage_path("prune") / MASKS_FILE) if ctx.has("prune") else {}
+    out = _train(ctx, "finetune", current_model(ctx), masks, distill)
+    if tmp is None:
+        return
+    _keep_training_outputs(ctx, "finetune", out, tmp, summary)
+    if ctx.has("prune"):
+        shutil.copy2(ctx.stage_path("prune") / MASKS_FILE, tmp / MASKS_FILE)
+    if distill is not None:
+        summary.update(distilled_from=ctx.folders["teacher"])
+
+
+def _eval_metrics(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
     from ..evaluation import evaluate as run_eval
 
+    if ctx.plan.eval is None:
+        return {}
+    return run_eval(model, ctx.plan.eval, ctx.processor(), metrics=ctx.cfg.evaluate.metrics,
+                    batch_size=ctx.cfg.evaluate.batch_size, max_length=ctx.cfg.data.max_length,
+                    text_column=ctx.plan.text_column, label_column=ctx.plan.label_column or "label")
+
+
+def evaluate(ctx: Context, tmp: Path | None, summary: dict) -> None:
     if ctx.plan.eval is None:
         summary.update(skipped="no evaluation split")
         if tmp is not None:
             write_json_atomic(tmp / "metrics.json", {})
         return
-    metrics = run_eval(current_model(ctx), ctx.plan.eval, ctx.processor(), metrics=ctx.cfg.evaluate.metrics,
-                       batch_size=ctx.cfg.evaluate.batch_size, max_length=ctx.cfg.data.max_length,
-                       text_column=ctx.plan.text_column, label_column=ctx.plan.label_column or "label")
+    metrics = _eval_metrics(ctx, current_model(ctx))
     if tmp is not None:
         write_json_atomic(tmp / "metrics.json", metrics)
     summary.update(metrics=metrics, split=ctx.plan.eval_split, examples=len(ctx.plan.eval))
@@ -284,8 +325,3 @@ def push(ctx: Context, tmp: Path, summary: dict) -> None:
                       private=ctx.cfg.push.private)
     write_json_atomic(tmp / "push.json", {"repo_id": ctx.cfg.push.hub_model_id, "url": url})
     summary.update(repo_id=ctx.cfg.push.hub_model_id, url=url)
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

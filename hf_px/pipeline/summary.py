@@ -106,6 +106,12 @@ def collect(ctx: Any) -> dict[str, Any]:
     out["finetune"] = {"history": history, **(out["stages"].get("finetune", {}).get("summary") or {})} \
         if ctx.has("finetune") else None
     out["evaluate"] = out["stages"].get("evaluate", {}).get("summary", {}).get("metrics")
+    teacher = out["stages"].get("teacher", {}).get("summary")
+    out["teacher"] = {k: teacher.get(k) for k in ("metrics", "steps", "checkpoint")} if teacher else None
+    if teacher and out["evaluate"]:
+        from ..evaluation import baseline_rows
+
+        out["baseline"] = baseline_rows(out["evaluate"], teacher.get("metrics"))
     out["size"] = {"before": source_stats(ctx), "after": {k: v for k, v in
                                                           out["stages"]["save"]["summary"].items() if k != "format"}}
     return out
@@ -192,6 +198,10 @@ def _num(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _share(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def render_markdown(data: dict[str, Any], plots: dict[str, str], plot_prefix: str) -> str:
     lines = ["# hf-px run report", ""]
     lines += ["| stage | folder | seconds |", "| --- | --- | ---: |"]
@@ -212,7 +222,15 @@ def render_markdown(data: dict[str, Any], plots: dict[str, str], plot_prefix: st
         lines += ["", "## Fine-tuning", "", f"{_num(ft.get('steps'))} optimizer steps on {_num(ft.get('world_size'))} "
                   f"process(es); final metrics: " + ", ".join(f"{k} {_num(v)}" for k, v in
                                                                (ft.get("metrics") or {}).items())]
-    if data.get("evaluate"):
+    if data.get("baseline"):
+        teacher = data["teacher"]
+        where = f"`{teacher['checkpoint']}`" if teacher.get("checkpoint") else \
+            f"the starting model fine-tuned with the same recipe ({_num(teacher.get('steps'))} steps)"
+        lines += ["", "## Evaluation: dense baseline vs this model", "", f"Dense baseline: {where}.", "",
+                  "| metric | dense | this model | share of dense kept |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['metric']} | {_num(r['dense'])} | {_num(r['value'])} | {_share(r['retained'])} |"
+                  for r in data["baseline"]]
+    elif data.get("evaluate"):
         lines += ["", "## Evaluation", "", "| metric | value |", "| --- | ---: |"]
         lines += [f"| {k} | {_num(v)} |" for k, v in data["evaluate"].items()]
     size = data["size"]
@@ -240,14 +258,12 @@ def write_report(ctx: Any, tmp: Path) -> dict[str, Any]:
 
 def publish_report(ctx: Any) -> None:
     """Copies of report.json / report.md at the top of the run folder, plots linked into the report stage."""
-    from .stages import stage_dirname
-
     folder = ctx.stage_path("report")
     data = json.loads((folder / "report.json").read_text())
-    data["plots"] = {k: f"{stage_dirname('report')}/{v}" for k, v in data["plots"].items()}
+    data["plots"] = {k: f"{folder.name}/{v}" for k, v in data["plots"].items()}
     write_json_atomic(ctx.root / "report.json", data)
     plots = {k: Path(v).name for k, v in data["plots"].items()}
-    md = render_markdown(data, plots, f"{stage_dirname('report')}/plots/")
+    md = render_markdown(data, plots, f"{folder.name}/plots/")
     tmp = ctx.root / ".report.md.tmp"
     tmp.write_text(md, encoding="utf-8")
     tmp.replace(ctx.root / "report.md")
@@ -276,6 +292,6 @@ def write_card(ctx: Any, model_dir: Path) -> dict[str, Any]:
     plots = [(PLOTS[name], path) for name, path in data.get("plots", {}).items()]
     card = build_card(report, base_model=ctx.cfg.model.name_or_path, dataset=ctx.cfg.data.dataset,
                       metrics=data.get("evaluate"), format=ctx.cfg.output.format, pipeline_tag=tag,
-                      repo_id=ctx.cfg.push.hub_model_id, plots=plots)
+                      repo_id=ctx.cfg.push.hub_model_id, plots=plots, baseline=data.get("baseline"))
     card.save(model_dir / "README.md")
     return {"plots_linked": len(plots), "pipeline_tag": tag}

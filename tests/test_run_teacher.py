@@ -1,0 +1,100 @@
+"""``hf-px run`` with a dense teacher: the teacher stage, distillation from it, ``prune.source`` and the baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_run import tiny_config
+
+import hf_px
+from hf_px.pipeline import ConfigError, RunConfig
+
+pytestmark = pytest.mark.slow  # the tokenizer comes from the packaged MiniLM
+
+
+def _summary(out: Path, folder: str) -> dict:
+    return json.loads((out / folder / "manifest.json").read_text())["summary"]
+
+
+def _head(model_dir: Path) -> torch.Tensor:
+    return load_file(str(model_dir / "model.safetensors"))["classifier.weight"]
+
+
+def test_teacher_is_the_baseline_the_distillation_source_and_what_is_pruned(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, teacher={}, distill={"alpha": 0.5, "temperature": 2.0}, pcn=None,
+                      prune={"method": "px", "sparsity": 0.75, "rounds": 3, "source": "teacher"})
+    result = hf_px.run(cfg, progress=False)
+    assert result.stages["teacher"] == "ran" and result.stages["finetune"] == "ran"
+    teacher = _summary(out, "00-teacher")
+    assert teacher["steps"] == _summary(out, "04-finetune")["steps"] > 0  # the same recipe
+    assert _summary(out, "04-finetune")["distilled_from"] == "00-teacher"
+    # heads are never pruned: the pruned model's head is the teacher's trained head, not a fresh one
+    assert torch.equal(_head(out / "03-prune" / "model"), _head(out / "00-teacher" / "model"))
+
+    report = json.loads((out / "report.json").read_text())
+    dense, final = report["teacher"]["metrics"], report["evaluate"]
+    rows = {r["metric"]: r for r in report["baseline"]}
+    assert rows["eval_accuracy"]["dense"] == dense["eval_accuracy"] == teacher["metrics"]["eval_accuracy"]
+    assert rows["eval_accuracy"]["retained"] == pytest.approx(final["eval_accuracy"] / dense["eval_accuracy"])
+    assert rows["eval_loss"]["retained"] is None  # lower is better: a ratio is no share kept
+    md = (out / "report.md").read_text()
+    assert "dense baseline vs this model" in md and f"{100 * rows['eval_accuracy']['retained']:.1f}%" in md
+    card = (out / "08-card" / "model" / "README.md").read_text()
+    assert "share of dense kept" in card and f"{100 * rows['eval_accuracy']['retained']:.1f}%" in card
+
+    # a changed distillation mix redoes fine-tuning onward, never the teacher or the pruning
+    again = hf_px.run(cfg, progress=False, overrides={"distill.alpha": 0.9})
+    assert [again.stages[s] for s in ("teacher", "calibrate", "prune", "finetune")] == \
+        ["skipped", "skipped", "skipped", "ran"]
+
+    # a given teacher checkpoint is evaluated, not trained, and gives the same baseline
+    given = tiny_config(tmp_path / "given", teacher={"checkpoint": str(out / "00-teacher" / "model")},
+                        distill={"alpha": 0.5}, pcn=None, prune={"method": "px", "sparsity": 0.75, "rounds": 3})
+    second = hf_px.run(given, progress=False)
+    assert second.stages["teacher"] == "ran"
+    summary = _summary(tmp_path / "given", "00-teacher")
+    assert summary["steps"] == 0
+    assert summary["metrics"]["eval_accuracy"] == pytest.approx(dense["eval_accuracy"])
+
+
+def test_source_pretrained_prunes_the_starting_model_not_the_teacher(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, teacher={}, pcn=None, prune={"method": "px", "sparsity": 0.75, "rounds": 2},
+                      finetune={"max_steps": 2, "batch_size": 16, "progress_bar": False})
+    result = hf_px.run(cfg, progress=False)
+    assert result.stages["teacher"] == "ran"
+    assert not torch.equal(_head(out / "03-prune" / "model"), _head(out / "00-teacher" / "model"))
+    assert "distilled_from" not in _summary(out, "04-finetune")  # a teacher without distill: baseline only
+    assert json.loads((out / "report.json").read_text())["baseline"]
+
+
+def test_teacher_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="finetune section is off"):
+        RunConfig.from_dict(tiny_config(tmp_path / "a", distill={}, finetune=None))
+    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+        RunConfig.from_dict(tiny_config(tmp_path / "a", teacher={}, finetune=None))
+    assert RunConfig.from_dict(tiny_config(tmp_path / "a", distill={})).teacher is not None  # distill needs one
+    with pytest.raises(ConfigError, match="distill.teacher is set by the pipeline"):
+        RunConfig.from_dict(tiny_config(tmp_path / "a", distill={"teacher": "x"}))
+    with pytest.raises(ConfigError, match="source"):
+        RunConfig.from_dict(tiny_config(tmp_path / "a", prune={"source": "finetuned"}))
+    missing = tiny_config(tmp_path / "b", teacher={"checkpoint": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="teacher.checkpoint .* does not exist"):
+        hf_px.run(missing, progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_teacher_checkpoint_for_other_labels_is_refused_before_anything_runs(tmp_path):
+    from tiny_models import tiny
+
+    folder = tmp_path / "teacher3"
+    tiny("bert").save_pretrained(folder)  # a 3-label head; rotten tomatoes has 2 classes
+    cfg = tiny_config(tmp_path / "run", teacher={"checkpoint": str(folder)})
+    with pytest.raises(ConfigError, match="3 labels but the data have 2"):
+        hf_px.run(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
