@@ -54,7 +54,7 @@ class PruneConfig:
         hutchinson_probes: Rademacher probes per batch for the NTK-diagonal scores.
         b_length: PX on encoders: sequence length of the B pass, which sets how much attention (token-route) paths
             count against skip and MLP paths. ``None``: the calibration set's mean real length, every token route
-            counted once (px.md §8.3); ``1``: no token-route factor.
+            counted once (docs/px.md §5.5); ``1``: no token-route factor.
         rescale: divide the residual stream by a fixed constant at every block boundary in the A pass
             (``None``: hidden_size * max(hidden_size, intermediate_size)); keeps float64 from overflowing.
         min_density_ratio: layer-collapse guard: every prunable matrix keeps at least this fraction of the round's

@@ -1,6 +1,6 @@
 """Task heads: the dense layers after the trunk, replayed in every surrogate mode.
 
-Heads keep their raw signed weights in both auxiliary passes (px.md §8.4): entered as all-ones they would make
+Heads keep their raw signed weights in both auxiliary passes (docs/px.md §5.6): entered as all-ones they would make
 every output's data term equal and the ranking independent of the data. Their activations are gated like the
 trunk's (g² in A, identity in B). Heads are never pruned.
 """

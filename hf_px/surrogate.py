@@ -1,4 +1,4 @@
-"""The gated-linear path surrogate of a transformer (px.md §8) as hooks on the real modules.
+"""The gated-linear path surrogate of a transformer (docs/px.md §5) as hooks on the real modules.
 
 One real forward pass (``record``) stores, per module and call, every data-dependent quantity: the trunk
 input x, the activation gates, the LayerNorm/RMSNorm 1/σ and the attention probabilities P. The two auxiliary
@@ -8,7 +8,7 @@ passes then run the *same* modules with substituted parameters (``torch.func.fun
 * ``B`` (weight side, with grad): all-ones input, weights θ², identity gates, norms γ², all-ones attention.
 
 Attention is intercepted through a registered ``transformers`` attention function, so Q/K never enter the
-auxiliary passes (they are off-path, px.md §8.5). Records are keyed by module object and call index, never by
+auxiliary passes (they are off-path, docs/px.md §5.7). Records are keyed by module object and call index, never by
 global call order.
 """
 

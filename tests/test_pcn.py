@@ -374,7 +374,7 @@ def test_parameter_counts_match_arithmetic_for_minilm_shape(monkeypatch):
     assert model.config.intermediate_size == half
     assert report.params_before == _minilm_param_count(cfg, full)
     assert report.params_after == _minilm_param_count(cfg, half) == sum(p.numel() for p in model.parameters())
-    assert round(report.params_after / 1e6, 2) == 19.17  # pcn.md §6.2
+    assert round(report.params_after / 1e6, 2) == 19.17  # docs/pcn.md §5.5
     d, layers = cfg.hidden_size, cfg.num_hidden_layers
     assert report.flops_after == 2 * layers * (4 * d * d + 2 * d * half)
 

@@ -246,7 +246,7 @@ def test_two_cpu_processes_train_with_masks_fixed(tmp_path):
             "--warmup-ratio", "0", "--log-every", "3", "--no-progress"]
     proc = _launch(args)
     if proc.returncode != 0 and "terminate called" in proc.stderr + proc.stdout:
-        proc = _launch(args)  # torch 2.13's gloo teardown sometimes aborts a finished rank (offline.md §5)
+        proc = _launch(args)  # torch 2.13's gloo teardown sometimes aborts a finished rank (docs/offline.md §5)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["world_size"] == 2

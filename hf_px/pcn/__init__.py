@@ -1,5 +1,5 @@
 """PCN width reduction: PCA of calibration activations, then structured FFN neuron selection (default) or
-frozen per-block input projections (pcn.md §6.2, §6.3).
+frozen per-block input projections (docs/pcn.md §5, §6).
 
 Importing this package registers the ``pcn_bert`` projection-mode classes with ``AutoConfig``,
 ``AutoModel`` and ``AutoModelForSequenceClassification``.

@@ -1,4 +1,4 @@
-"""PCN projection-mode BERT (pcn.md §6.3, §6.6): a frozen per-block basis before Q/K/V (and the FFN input).
+"""PCN projection-mode BERT (docs/pcn.md §6, §8): a frozen per-block basis before Q/K/V (and the FFN input).
 
 This file is self-contained (torch + transformers only) because ``save_pretrained`` copies it next to the
 weights, so ``AutoModel*.from_pretrained(folder, trust_remote_code=True)`` works without hf_px installed.

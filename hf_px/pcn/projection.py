@@ -1,4 +1,4 @@
-"""Option B: per-block shared input basis for Q/K/V, optionally the FFN input (pcn.md §6.3).
+"""Option B: per-block shared input basis for Q/K/V, optionally the FFN input (docs/pcn.md §6).
 
 For block input h with calibration mean μ and top-k principal directions U (D×k), the block computes
 z = Uᵀ(h − μ) once (a frozen ``nn.Linear(D, k)`` with weight Uᵀ and bias −Uᵀμ) and Q/K/V become

@@ -1,4 +1,4 @@
-"""Option A: FFN-intermediate PCA -> neuron selection (pcn.md §6.2). The result reloads with stock classes.
+"""Option A: FFN-intermediate PCA -> neuron selection (docs/pcn.md §5). The result reloads with stock classes.
 
 Per block, a centred float64 PCA of what the FFN output matrix reads (act(in(x)), or act(gate(x)) * up(x) for a
 gated MLP) picks k principal directions; every intermediate neuron is scored by its loading on them

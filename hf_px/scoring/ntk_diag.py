@@ -1,4 +1,4 @@
-"""Exact NTK diagonal (px.md §8.7): S_j = θ_j² Σ_n Σ_k (∂f_k(x_n)/∂θ_j)², estimated with Hutchinson probes.
+"""Exact NTK diagonal (docs/px.md §7): S_j = θ_j² Σ_n Σ_k (∂f_k(x_n)/∂θ_j)², estimated with Hutchinson probes.
 
 For Rademacher probes u drawn independently per sample and position, E[(∂(uᵀf)/∂θ_j)²] equals the sum over
 outputs and samples of the squared derivatives: one backward per batch and probe, no per-sample gradients.

@@ -1,4 +1,4 @@
-"""PX (Path eXclusion) saliency: S_j = θ_j²·|∂R/∂(θ_j²)|, R = Σ_{n,k} A_k(x_n)·B_k(θ) (px.md §2-3, §8).
+"""PX (Path eXclusion) saliency: S_j = θ_j²·|∂R/∂(θ_j²)|, R = Σ_{n,k} A_k(x_n)·B_k(θ) (docs/px.md §2, §5).
 
 * Plain networks (Linear/Conv2d + nn.ReLU, no ``transformers`` base class) use the paper's path network:
   A = unit weights on x² with the real ReLU patterns, B = θ² on an all-ones input, biases 1 in A and b² in B.
