@@ -1,62 +1,129 @@
 """hf_px: prune Hugging Face checkpoints for a downstream task with PX saliency and PCN projections.
 
+The package follows the pipeline: :mod:`hf_px.data` (datasets, labels, calibration batches),
+:mod:`hf_px.pruning` (the PX loop, scorers, masks), :mod:`hf_px.pcn` (width reduction), :mod:`hf_px.finetuning`
+(Accelerate loop with fixed masks, evaluation, distillation, LoRA), :mod:`hf_px.export` (save/load, sparse
+format, model card, Hub) and :mod:`hf_px.pipeline` (``hf-px run``); :mod:`hf_px.registry` knows the architectures.
+
+Every public name below is importable from ``hf_px`` directly. They load on first use, so ``import hf_px`` does
+not import torch or transformers.
+
 Example:
     >>> import hf_px
     >>> hf_px.PruneConfig(method="px", sparsity=0.9).rounds
     100
 """
 
-from .config import PruneConfig
-from .masks import apply_masks, masks_from_model
-from .prune import PruneResult, prune
-from .registry import register_architecture, supported_architectures
-from .report import sparsity_report
-from .scoring import available_methods, register_scorer
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistillConfig",
+    "FinetuneConfig",
+    "FinetuneOutput",
+    "PCNConfig",
+    "PCNReport",
     "PruneConfig",
     "PruneResult",
+    "RunConfig",
+    "apply_lora",
     "apply_masks",
+    "apply_pcn",
     "available_methods",
+    "build_card",
+    "calibration_batches",
+    "evaluate",
+    "finetune",
+    "load",
+    "load_dataset_any",
+    "load_metric",
+    "load_model",
     "masks_from_model",
+    "merge_lora",
     "prune",
+    "push_to_hub",
     "register_architecture",
     "register_scorer",
+    "run",
+    "save_pretrained",
+    "sparsify_for_cpu",
     "sparsity_report",
     "supported_architectures",
 ]
 
+# public name -> the module that defines it (imported on first access)
+_SOURCES = {
+    "PruneConfig": "config",
+    "FinetuneConfig": "config",
+    "load_model": "modeling",
+    "register_architecture": "registry",
+    "supported_architectures": "registry",
+    "calibration_batches": "data",
+    "load_dataset_any": "data",
+    "prune": "pruning.loop",
+    "PruneResult": "pruning.loop",
+    "apply_masks": "pruning.masks",
+    "masks_from_model": "pruning.masks",
+    "sparsity_report": "pruning.report",
+    "available_methods": "pruning.scoring",
+    "register_scorer": "pruning.scoring",
+    "PCNConfig": "pcn",
+    "PCNReport": "pcn",
+    "apply_pcn": "pcn",
+    "finetune": "finetuning.loop",
+    "FinetuneOutput": "finetuning.loop",
+    "evaluate": "finetuning.evaluation",
+    "DistillConfig": "finetuning.distill",
+    "apply_lora": "finetuning.lora",
+    "merge_lora": "finetuning.lora",
+    "load_metric": "finetuning.metrics",
+    "load": "export.serialization",
+    "save_pretrained": "export.serialization",
+    "build_card": "export.card",
+    "push_to_hub": "export.hub",
+    "sparsify_for_cpu": "export.sparse_inference",
+    "run": "pipeline",
+    "RunConfig": "pipeline",
+}
 
-def __getattr__(name: str):
-    # Optional parts are imported on first use so that `import hf_px` stays light.
-    lazy = {
-        "calibration_batches": ("data", "calibration_batches"),
-        "load_dataset_any": ("data", "load_dataset_any"),
-        "load": ("serialization", "load"),
-        "finetune": ("train", "finetune"),
-        "FinetuneConfig": ("config", "FinetuneConfig"),
-        "DistillConfig": ("distill", "DistillConfig"),
-        "PCNConfig": ("pcn", "PCNConfig"),
-        "apply_pcn": ("pcn", "apply_pcn"),
-        "PCNReport": ("pcn", "PCNReport"),
-        "load_model": ("modeling", "load_model"),
-        "save_pretrained": ("serialization", "save_pretrained"),
-        "push_to_hub": ("hub", "push_to_hub"),
-        "build_card": ("card", "build_card"),
-        "sparsify_for_cpu": ("sparse_inference", "sparsify_for_cpu"),
-        "FinetuneOutput": ("train", "FinetuneOutput"),
-        "load_metric": ("metrics", "load_metric"),
-        "apply_lora": ("lora", "apply_lora"),
-        "merge_lora": ("lora", "merge_lora"),
-        "run": ("pipeline", "run"),
-        "RunConfig": ("pipeline", "RunConfig"),
-        "evaluate": ("evaluation", "evaluate"),
-    }
-    if name in lazy:
-        import importlib
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports on demand
+    from .config import FinetuneConfig, PruneConfig
+    from .data import calibration_batches, load_dataset_any
+    from .export.card import build_card
+    from .export.hub import push_to_hub
+    from .export.serialization import load, save_pretrained
+    from .export.sparse_inference import sparsify_for_cpu
+    from .finetuning.distill import DistillConfig
+    from .finetuning.evaluation import evaluate
+    from .finetuning.loop import FinetuneOutput, finetune
+    from .finetuning.lora import apply_lora, merge_lora
+    from .finetuning.metrics import load_metric
+    from .modeling import load_model
+    from .pcn import PCNConfig, PCNReport, apply_pcn
+    from .pipeline import RunConfig, run
+    from .pruning.loop import PruneResult, prune
+    from .pruning.masks import apply_masks, masks_from_model
+    from .pruning.report import sparsity_report
+    from .pruning.scoring import available_methods, register_scorer
+    from .registry import register_architecture, supported_architectures
 
-        module, attr = lazy[name]
-        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCES.get(name)
+    if source is not None:
+        value = getattr(importlib.import_module(f"{__name__}.{source}"), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    # a submodule used as ``hf_px.<module>`` without importing it first (``hf_px.registry.get_arch``)
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .distill import DistillConfig
+    from .finetuning.distill import DistillConfig
 
 # each round re-scores the whole model, so even 1,000 rounds take hours on a large checkpoint; the cap keeps a
 # typo (1e9) from running for ever
@@ -43,7 +43,7 @@ class PruneConfig:
     """How to prune.
 
     Args:
-        method: scoring method, a name from ``hf_px.scoring.available_methods()`` (``px`` by default).
+        method: scoring method, a name from ``hf_px.pruning.scoring.available_methods()`` (``px`` by default).
         sparsity: fraction of the prunable weights to remove, in [0, 1).
         rounds: number of iterative rounds, 1 to ``MAX_ROUNDS`` (10,000); density follows d_r = d^(r/R) with one
             global threshold.
@@ -89,7 +89,7 @@ class PruneConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .scoring import available_methods
+        from .pruning.scoring import available_methods
 
         if not isinstance(self.method, str) or self.method not in available_methods():
             raise ValueError(
@@ -161,13 +161,13 @@ class FinetuneConfig:
         resume: continue from the latest complete checkpoint in ``output_dir/checkpoints``.
         peft: None (train all weights) or "lora" (adapters on the prunable matrices, masked delta).
         lora_r, lora_alpha, lora_dropout: LoRA settings; ``merge_lora`` returns the merged plain model.
-        metrics: metric names or script paths for ``hf_px.metrics.load_metric``; None: accuracy for
+        metrics: metric names or script paths for ``hf_px.finetuning.metrics.load_metric``; None: accuracy for
             classification, perplexity for causal LMs.
         max_length, text_column, label_column: how raw datasets are tokenized.
         log_with: "jsonl" (always written when ``output_dir`` is set) and/or "tensorboard" (if installed).
         progress_bar: tqdm bar on the main process.
         freeze_embeddings: keep the input embeddings (word/position/token-type; ViT patch/position) fixed: no
-            gradient and no AdamW state (``hf_px.optim.embedding_parameters`` lists them).
+            gradient and no AdamW state (``hf_px.finetuning.optim.embedding_parameters`` lists them).
         distill: a :class:`hf_px.DistillConfig` to learn from a dense teacher as well as the labels (None: off).
 
     Example:

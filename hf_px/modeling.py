@@ -16,7 +16,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from .checkpoint_files import check_checkpoint_files
+from .export.checkpoint_files import check_checkpoint_files
 
 TASKS = {
     "sequence-classification": AutoModelForSequenceClassification,
@@ -35,7 +35,7 @@ def _looks_local(name: str) -> bool:
 def check_model_source(name_or_path: str, allow_pickle: bool = False) -> None:
     """Fail early, before any download or load, when a local checkpoint folder is missing or unusable.
 
-    Raises ``FileNotFoundError`` or ``ValueError`` (:class:`~hf_px.checkpoint_files.CheckpointFileError` for a
+    Raises ``FileNotFoundError`` or ``ValueError`` (:class:`~hf_px.export.checkpoint_files.CheckpointFileError` for a
     truncated safetensors file, an invalid index, or a shard outside the folder), each one line naming the fix.
     """
     path = Path(name_or_path).expanduser()

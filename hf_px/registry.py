@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers.models.bert import modeling_bert as _bert
 from transformers.models.distilbert import modeling_distilbert as _distilbert
@@ -221,3 +222,52 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+# ------------------------------------------------------------------------------------------ task heads
+# The dense layers after the trunk: never pruned, replayed by the PX surrogate (hf_px.pruning.surrogate.run_head).
+
+@dataclass
+class HeadSpec:
+    pooling: str  # "first" token, "last" non-pad token, "mean" over real tokens, or "none" (every position)
+    layers: list[tuple[nn.Module, str | None]]  # (Linear, activation after it)
+    task: str = "classification"  # or "causal-lm", "features"
+
+
+def head_spec(model: nn.Module) -> HeadSpec | None:
+    """Head layout of a known task class; None when the model class is not known."""
+    if isinstance(model, (_bert.BertForSequenceClassification,)):
+        return HeadSpec("first", [(model.bert.pooler.dense, "tanh"), (model.classifier, None)])
+    if isinstance(model, _roberta.RobertaForSequenceClassification):
+        return HeadSpec("first", [(model.classifier.dense, "tanh"), (model.classifier.out_proj, None)])
+    if isinstance(model, _distilbert.DistilBertForSequenceClassification):
+        return HeadSpec("first", [(model.pre_classifier, "relu"), (model.classifier, None)])
+    if isinstance(model, _vit.ViTForImageClassification):
+        return HeadSpec("first", [(model.classifier, None)])
+    if isinstance(model, (_gpt2.GPT2ForSequenceClassification, _llama.LlamaForSequenceClassification)):
+        return HeadSpec("last", [(model.score, None)])
+    if isinstance(model, (_gpt2.GPT2LMHeadModel, _llama.LlamaForCausalLM)):
+        return HeadSpec("none", [(model.lm_head, None)], task="causal-lm")
+    if model is getattr(model, "base_model", None):
+        return HeadSpec("mean", [], task="features")
+    return None
+
+
+def pool(spec: HeadSpec, hidden: torch.Tensor, batch: dict, pad_token_id: int | None) -> torch.Tensor:
+    """Pick the positions the head reads, exactly as the task classes of transformers do."""
+    if spec.pooling == "first":
+        return hidden[:, 0]
+    if spec.pooling == "last":
+        ids = batch.get("input_ids")
+        if ids is None or pad_token_id is None:
+            return hidden[:, -1]
+        positions = torch.arange(ids.shape[-1], device=ids.device)
+        last = (positions * (ids != pad_token_id).int()).argmax(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if spec.pooling == "mean":
+        mask = batch.get("attention_mask")
+        if mask is None:
+            return hidden.mean(1)
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+    return hidden

@@ -21,8 +21,8 @@ import hf_px
 from hf_px.commands.demo import minilm_path
 from hf_px.data import calibration_batches
 from hf_px.modeling import load_model, load_processor
-from hf_px.report import format_table
-from hf_px.targets import collect_targets
+from hf_px.pruning.report import format_table
+from hf_px.pruning.targets import collect_targets
 
 
 def allocation(masks: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, dict]:

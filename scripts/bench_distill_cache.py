@@ -22,12 +22,12 @@ import datasets
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-import hf_px.distill
-from hf_px.distill import DistillConfig
-from hf_px.masks import apply_masks
-from hf_px.report import format_table
-from hf_px.targets import collect_targets
-from hf_px.train import FinetuneConfig, finetune
+import hf_px.finetuning.distill
+from hf_px.finetuning.distill import DistillConfig
+from hf_px.finetuning.loop import FinetuneConfig, finetune
+from hf_px.pruning.masks import apply_masks
+from hf_px.pruning.report import format_table
+from hf_px.pruning.targets import collect_targets
 
 MODES = ("plain", "distill", "cached")
 
@@ -69,7 +69,7 @@ def one_run(family: str, mode: str, teacher: torch.nn.Module, data: datasets.Dat
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, progress_bar=False, log_every=10**6,
                             distill=distill)
     built, calls = [], [0]
-    original = hf_px.distill.build_distiller
+    original = hf_px.finetuning.distill.build_distiller
 
     def capture(*a, **k):  # the run's Distiller, for its cache counters
         d = original(*a, **k)
@@ -78,12 +78,12 @@ def one_run(family: str, mode: str, teacher: torch.nn.Module, data: datasets.Dat
 
     hook = teacher.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     marks: list[tuple[int, float]] = []
-    hf_px.distill.build_distiller = capture
+    hf_px.finetuning.distill.build_distiller = capture
     try:
         out = finetune(pruned_student(family, args), data, config=config,
                        on_step=lambda step, rec: marks.append((rec["epoch"], time.perf_counter())))
     finally:
-        hf_px.distill.build_distiller = original
+        hf_px.finetuning.distill.build_distiller = original
         hook.remove()
     ends = [t for _, t in sorted({epoch: t for epoch, t in marks}.items())]  # the last step of every epoch
     # the loop's own clock, so that epoch 1 excludes the setup (accelerator, data preparation, teacher loading)

@@ -3,7 +3,7 @@
 Dense MiniLM vs structured PCN at several uniform FFN widths (default 768 / 384 / 192 of 1536), all measured
 side by side in one run: latency (batch 1) and throughput (batch 32) with the timing calls of the models
 interleaved, parameter counts and per-token linear FLOPs, the hidden-state error before training, and the
-accuracy after the same short fine-tune (``hf_px.train.finetune``) on the built-in Rotten Tomatoes data.
+accuracy after the same short fine-tune (``hf_px.finetuning.loop.finetune``) on the built-in Rotten Tomatoes data.
 ``--scores leverage output`` compares neuron scores; ``--projection-rank K`` adds a projection-mode row (shared Q/K/V basis of rank K).
 
     .venv/bin/python scripts/bench_pcn.py [--widths 768 384 192] [--train-size 3000] [--eval-size 1000]
@@ -129,7 +129,7 @@ def main() -> None:
         rows.append(row)
 
     if not args.skip_finetune:
-        from hf_px.train import FinetuneConfig, finetune
+        from hf_px.finetuning.loop import FinetuneConfig, finetune
 
         ft_cfg = FinetuneConfig(epochs=args.epochs, batch_size=32, learning_rate=args.lr,
                                 max_length=args.max_length, progress_bar=False, seed=0)

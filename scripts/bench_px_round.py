@@ -18,11 +18,11 @@ import torch
 import hf_px
 from hf_px.commands.demo import minilm_path
 from hf_px.data import calibration_batches, load_dataset_any
-from hf_px.masks import init_masks, select_masks
 from hf_px.modeling import load_model, load_processor
-from hf_px.report import format_table
-from hf_px.scoring import ScoringContext, get_scorer
-from hf_px.targets import collect_targets
+from hf_px.pruning.masks import init_masks, select_masks
+from hf_px.pruning.report import format_table
+from hf_px.pruning.scoring import ScoringContext, get_scorer
+from hf_px.pruning.targets import collect_targets
 
 
 def train_step_time(model, batches, repeats: int) -> float:

@@ -26,6 +26,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,14 +35,14 @@ import hf_px
 from hf_px.commands.demo import minilm_path
 from hf_px.data import calibration_batches, load_dataset_any
 from hf_px.modeling import load_model, load_processor
-from hf_px.report import format_table
+from hf_px.pruning.report import format_table
 
 DATASETS = {"sst2": "/work/shared/data/sst2", "rt": "builtin:rotten_tomatoes", "tweets": "builtin:tweets"}
 EVAL_SPLITS = ("dev", "validation", "test")
 # benchmark-only method names: a method with non-default PruneConfig options
 VARIANTS = {
     "wanda-global": ("wanda", {"extra": {"wanda_per_row": False}}),  # one global ranking, not the paper's per row
-    "px-b1": ("px", {"b_length": 1}),  # PX without the token-route factor of the B pass (px.md 8.3)
+    "px-b1": ("px", {"b_length": 1}),  # PX without the token-route factor of the B pass (docs/px.md §5.5)
 }
 
 
@@ -51,9 +52,12 @@ def prune_config(method: str, **kwargs) -> hf_px.PruneConfig:
     return hf_px.PruneConfig(method=name, **kwargs, **options)
 
 
-def load_splits(name: str, train_size: int, eval_size: int | None):
-    """(train subset, eval split): a fixed seed-0 subset of the training split, the dev/test split (capped)."""
-    dd = load_dataset_any(DATASETS.get(name, name))
+def load_splits(name: str, train_size: int, eval_size: int | None, config_name: str | None = None):
+    """(train subset, eval split): a fixed seed-0 subset of the training split, the dev/test split (capped).
+
+    ``name`` is a key of ``DATASETS`` or anything ``load_dataset_any`` reads (``config_name``: a Hub config).
+    """
+    dd = load_dataset_any(DATASETS.get(name, name), config_name)
     eval_split = next((s for s in EVAL_SPLITS if s in dd), None)
     if "train" not in dd or eval_split is None:
         raise ValueError(f"{name}: need a 'train' split and one of {EVAL_SPLITS}; found {sorted(dd)}.")
@@ -126,7 +130,8 @@ def run_one(args, dataset: str, method: str, sparsity: float, seed: int, tok, tr
     record["accuracy_after_prune"] = probe_accuracy(px, torch.tensor(list(probe["label"])), ex, ey)
     record["head_accuracy_after_prune"] = float((logits.argmax(1) == ey).float().mean())
 
-    from hf_px.train import FinetuneConfig, finetune
+    from hf_px.config import FinetuneConfig
+    from hf_px.finetuning.loop import finetune
 
     start = time.perf_counter()
     cfg = FinetuneConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=seed,
@@ -238,7 +243,10 @@ def markdown_table(records: list[dict], key: str = "accuracy_after_finetune") ->
     return "\n\n".join(tables)
 
 
-def plot(records: list[dict], path: Path) -> str:
+def plot(records: list[dict], path: Path, key: str = "accuracy_after_finetune",
+         panel: Callable[[dict], str] | None = None) -> str:
+    """Mean ``key`` (± std over seeds) against sparsity, one panel per ``panel(record)`` (default: dataset, lr and
+    steps), one colour per method; ``dense`` records (sparsity 0) are drawn as a horizontal line."""
     try:
         import matplotlib
 
@@ -246,7 +254,7 @@ def plot(records: list[dict], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: plot skipped (pip install matplotlib to get it)."
-    label = lambda r: f"{r['dataset']} lr={r.get('lr')} steps={r.get('steps')}"  # noqa: E731
+    label = panel or (lambda r: f"{r['dataset']} lr={r.get('lr')} steps={r.get('steps')}")
     datasets = sorted({label(r) for r in records})
     # one colour per method in every panel; PX drawn thicker
     colours = {m: f"C{i % 10}" for i, m in enumerate(sorted({r["method"] for r in records} - {"dense"}))}
@@ -256,7 +264,7 @@ def plot(records: list[dict], path: Path) -> str:
             pts: dict[float, list[float]] = {}
             for r in records:
                 if label(r) == ds and r["method"] == method:
-                    pts.setdefault(float(r["sparsity"]), []).append(100 * r["accuracy_after_finetune"])
+                    pts.setdefault(float(r["sparsity"]), []).append(100 * r[key])
             xs = sorted(pts)
             if method == "dense":
                 ax.axhline(statistics.mean(pts[xs[0]]), color="k", ls="--", label="dense")
@@ -264,7 +272,7 @@ def plot(records: list[dict], path: Path) -> str:
             ax.errorbar(xs, [statistics.mean(pts[x]) for x in xs],
                         [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs], marker="o", label=method,
                         color=colours[method], linewidth=2.5 if method == "px" else 1.2, capsize=2)
-        ax.set(title=ds, xlabel="sparsity", ylabel="accuracy after fine-tune (%)")
+        ax.set(title=ds, xlabel="sparsity", ylabel=f"{key.replace('_', ' ')} (%)")
         ax.legend(fontsize="small", loc="lower left", ncol=2)
     fig.tight_layout()
     fig.savefig(path)

@@ -24,10 +24,10 @@ import time
 import torch
 from transformers import BertConfig, BertModel
 
-from hf_px.masks import apply_masks
-from hf_px.serialization import DENSE_FILE, SPARSE_FILE, load, save_pretrained
-from hf_px.sparse_inference import sparsify_for_cpu
-from hf_px.targets import prunable_parameters
+from hf_px.export.serialization import DENSE_FILE, SPARSE_FILE, load, save_pretrained
+from hf_px.export.sparse_inference import sparsify_for_cpu
+from hf_px.pruning.masks import apply_masks
+from hf_px.pruning.targets import prunable_parameters
 
 
 def build(name: str) -> BertModel:
@@ -58,7 +58,7 @@ def touch(model: BertModel) -> None:
 
 @torch.no_grad()
 def cpu_latency(model: BertModel, batch: int = 8, seq: int = 128, repeats: int = 7) -> dict:
-    """Median forward time, dense vs CSR kernels where they pay (``hf_px.sparse_inference``), same run.
+    """Median forward time, dense vs CSR kernels where they pay (``hf_px.export.sparse_inference``), same run.
 
     The two models run alternately, so drifting machine load hits both medians alike.
     """

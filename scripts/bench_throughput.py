@@ -39,9 +39,9 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hf_px.data import load_dataset_any
-    from hf_px.masks import apply_masks
-    from hf_px.targets import collect_targets
-    from hf_px.train import FinetuneConfig, finetune
+    from hf_px.finetuning.loop import FinetuneConfig, finetune
+    from hf_px.pruning.masks import apply_masks
+    from hf_px.pruning.targets import collect_targets
 
     path = _minilm_dir()
     tok = AutoTokenizer.from_pretrained(path)

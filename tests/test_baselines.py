@@ -10,9 +10,9 @@ from torch import nn
 from torch.func import functional_call, grad, hessian
 
 import hf_px
-from hf_px.masks import init_masks
-from hf_px.scoring import ScoringContext, get_scorer
-from hf_px.targets import collect_targets
+from hf_px.pruning.masks import init_masks
+from hf_px.pruning.scoring import ScoringContext, get_scorer
+from hf_px.pruning.targets import collect_targets
 
 BASELINES = ["snip", "grasp", "synflow", "wanda"]
 

@@ -43,8 +43,8 @@ def test_allocation_groups_kept_fractions_by_role_and_block():
     import torch
     from tiny_models import tiny
 
-    from hf_px.masks import init_masks
-    from hf_px.targets import collect_targets
+    from hf_px.pruning.masks import init_masks
+    from hf_px.pruning.targets import collect_targets
 
     sys.path.insert(0, str(SCRIPT.parent))
     try:

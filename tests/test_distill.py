@@ -11,11 +11,11 @@ import torch
 from tiny_models import VOCAB, tiny
 
 import hf_px
-from hf_px.distill import DistillConfig, build_distiller, hidden_state_loss, kd_loss
-from hf_px.masks import apply_masks
-from hf_px.optim import embedding_parameters
-from hf_px.targets import collect_targets
-from hf_px.train import FinetuneConfig, finetune
+from hf_px.finetuning.distill import DistillConfig, build_distiller, hidden_state_loss, kd_loss
+from hf_px.finetuning.loop import FinetuneConfig, finetune
+from hf_px.finetuning.optim import embedding_parameters
+from hf_px.pruning.masks import apply_masks
+from hf_px.pruning.targets import collect_targets
 
 
 def _pruned(family: str = "bert", seed: int = 0, density: float = 0.4, **overrides):

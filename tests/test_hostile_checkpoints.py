@@ -14,7 +14,7 @@ from test_train import _assert_masks_hold, _pruned, _sentiment_rows, _tokenized,
 from tiny_models import tiny
 
 from hf_px.cli import main
-from hf_px.train import FinetuneConfig, finetune
+from hf_px.finetuning.loop import FinetuneConfig, finetune
 
 # what old Accelerate checkpoints held, and what a careless loader would unpickle
 TRAP_NAMES = ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin", "masks.pt",
@@ -93,7 +93,7 @@ def _cli_run(model_dir: Path, data: Path, out: Path, *extra: str) -> int:
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from hf_px.serialization import load
+    from hf_px.export.serialization import load
 
     return dict(load(str(folder)).named_parameters())
 
@@ -101,7 +101,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def finished_run(tmp_path, csv_data) -> tuple[Path, Path, dict]:
     """A 6-step CLI fine-tune of a dropout model with checkpoints at steps 2, 4 and 6, and its final weights."""
-    from hf_px.serialization import save_pretrained
+    from hf_px.export.serialization import save_pretrained
 
     tok = _word_tokenizer()
     model, masks = _pruned(vocab_size=len(tok), num_labels=2, hidden_dropout_prob=0.1)
@@ -222,7 +222,7 @@ def test_no_usable_checkpoint_starts_over(tmp_path):
 def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
     from safetensors import safe_open
 
-    from hf_px import checkpoints
+    from hf_px.finetuning import checkpoints
 
     model = tiny("gpt2")  # lm_head.weight is transformer.wte.weight
     checkpoints.write_model(model, str(tmp_path / "m.safetensors"), write=True)
@@ -243,7 +243,7 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
 def test_pipeline_rerun_never_unpickles_its_work_folder(tmp_path, monkeypatch):
     from test_run import tiny_config
 
-    import hf_px.train_outputs as U
+    import hf_px.finetuning.outputs as U
     from hf_px.pipeline import run as run_pipeline
 
     out, marker = tmp_path / "run", tmp_path / "marker"
@@ -282,7 +282,7 @@ def _fsdp_worker(rank: int, root: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from hf_px import optim, train_outputs
+    from hf_px.finetuning import optim, outputs
 
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
@@ -309,11 +309,11 @@ def _fsdp_worker(rank: int, root: str) -> None:
     objs = build(0)
     train(*objs, data[:3])
     state = {"global_step": 3, "epoch": 0, "batches_in_epoch": 3}
-    train_outputs.save_checkpoint(acc, f"{root}/checkpoints", 3, state, {}, None, *objs)
+    outputs.save_checkpoint(acc, f"{root}/checkpoints", 3, state, {}, None, *objs)
     train(*objs, data[3:])
     want = {k: v.full_tensor() for k, v in objs[0].state_dict().items()}
     resumed = build(1)
-    train_outputs.load_checkpoint_state(train_outputs.find_resume_point(f"{root}/checkpoints"), acc, *resumed)
+    outputs.load_checkpoint_state(outputs.find_resume_point(f"{root}/checkpoints"), acc, *resumed)
     train(*resumed, data[3:])
     for k, v in resumed[0].state_dict().items():
         assert torch.equal(v.full_tensor(), want[k]), k
@@ -334,7 +334,7 @@ def test_fsdp2_shards_round_trip_through_a_checkpoint(tmp_path):
 def test_two_ddp_processes_resume_to_the_same_weights(tmp_path, csv_data):
     from test_train import _launch
 
-    from hf_px.serialization import save_pretrained
+    from hf_px.export.serialization import save_pretrained
 
     tok = _word_tokenizer()
     model, masks = _pruned(vocab_size=len(tok), num_labels=2, hidden_dropout_prob=0.1)

@@ -21,7 +21,7 @@ import hf_px
 from hf_px.cli import main
 from hf_px.commands.demo import minilm_path
 from hf_px.data import load_dataset_any
-from hf_px.labels import encode_labels, infer_num_labels
+from hf_px.data.labels import encode_labels, infer_num_labels
 
 pytestmark = pytest.mark.slow  # the tokenizer comes from the packaged MiniLM
 
@@ -56,7 +56,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the bad input was refused")
 
     monkeypatch.setattr("hf_px.modeling.load_model", boom)
-    monkeypatch.setattr("hf_px.serialization.load", boom)
+    monkeypatch.setattr("hf_px.export.serialization.load", boom)
 
 
 def write_csv(path: Path, rows: list[tuple], header: str = "text,label") -> Path:

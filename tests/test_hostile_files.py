@@ -22,12 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny
 
-import hf_px.serialization as S
-from hf_px.checkpoint_files import INDEX_FILE, CheckpointFileError, TensorHeader
+import hf_px.export.serialization as S
 from hf_px.cli import main
-from hf_px.masks import apply_masks
-from hf_px.modeling import check_model_source
-from hf_px.sparse_format import (
+from hf_px.export.checkpoint_files import INDEX_FILE, CheckpointFileError, TensorHeader
+from hf_px.export.sparse_format import (
     Expected,
     Listed,
     SparseFormatError,
@@ -35,7 +33,9 @@ from hf_px.sparse_format import (
     dense_state_dict,
     sparse_state_dict,
 )
-from hf_px.targets import prunable_parameters
+from hf_px.modeling import check_model_source
+from hf_px.pruning.masks import apply_masks
+from hf_px.pruning.targets import prunable_parameters
 
 Q = "bert.encoder.layer.0.attention.self.query.weight"
 
@@ -218,14 +218,15 @@ def test_a_matrix_saved_under_another_name_is_not_missing():
 # ---------------------------------------------------------------------------------------------- lying sizes
 _HUGE_CHILD = textwrap.dedent("""
     import re, resource, sys
-    import hf_px.serialization as S
+    import hf_px.export.serialization as S
+    from hf_px.export.sparse_format import SparseFormatError
     S.load(sys.argv[1])  # warm up: imports and allocator pools count against the limit set below
     vm = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
     for folder in sys.argv[2:]:
         try:
             S.load(folder)
-        except S.SparseFormatError as err:
+        except SparseFormatError as err:
             print(err)
         else:
             sys.exit(f"{folder} loaded")

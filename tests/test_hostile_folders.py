@@ -281,7 +281,7 @@ def test_a_billion_rounds_are_refused_and_the_schedule_is_lazy(tmp_path):
     got = run_bounded(f"""
         import io, json, contextlib, resource
         from hf_px.config import PruneConfig
-        from hf_px.masks import density_schedule
+        from hf_px.pruning.masks import density_schedule
         from hf_px.cli import main
         try:
             PruneConfig(rounds=10**9)
@@ -357,7 +357,7 @@ def test_shared_references_in_a_config_dict_and_long_values_give_short_errors():
 
 
 def test_a_sparsity_that_empties_a_matrix_is_refused_with_the_largest_usable_one():
-    from hf_px.targets import collect_targets
+    from hf_px.pruning.targets import collect_targets
 
     model = tiny("bert")
     batches = tiny_batches(model)
@@ -424,8 +424,8 @@ def test_a_bad_hub_repo_id_is_refused_before_any_work(work, tmp_path, capsys, no
 
 
 def test_lfs_uploads_that_keep_failing_end_in_a_hub_push_error(tmp_path, fake_hub, monkeypatch):
-    import hf_px.hub as hub_mod
-    from hf_px.hub import HubPushError
+    import hf_px.export.hub as hub_mod
+    from hf_px.export.hub import HubPushError
 
     waits: list[float] = []
     monkeypatch.setattr(hub_mod.time, "sleep", waits.append)  # also huggingface_hub's own backoff
@@ -446,7 +446,7 @@ def test_lfs_uploads_that_keep_failing_end_in_a_hub_push_error(tmp_path, fake_hu
 
 
 def test_python_save_pretrained_replaces_only_an_earlier_hf_px_save(tmp_path):
-    from hf_px.serialization import save_pretrained
+    from hf_px.export.serialization import save_pretrained
 
     model = tiny("bert")
     users = tmp_path / "mine"

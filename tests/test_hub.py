@@ -19,13 +19,13 @@ from transformers import (
     BertTokenizer,
 )
 
-import hf_px.hub as hub_mod
-import hf_px.serialization as S
-from hf_px.card import build_card
+import hf_px.export.hub as hub_mod
+import hf_px.export.serialization as S
 from hf_px.commands import push as push_command
-from hf_px.hub import HubPushError, push_to_hub
-from hf_px.masks import apply_masks, masks_from_model
-from hf_px.targets import prunable_parameters
+from hf_px.export.card import build_card
+from hf_px.export.hub import HubPushError, push_to_hub
+from hf_px.pruning.masks import apply_masks, masks_from_model
+from hf_px.pruning.targets import prunable_parameters
 
 INPUTS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(1))
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny
 
-from hf_px.lora import apply_lora, lora_target_modules, merge_lora
-from hf_px.masks import apply_masks
-from hf_px.targets import collect_targets
-from hf_px.train import FinetuneConfig, finetune
+from hf_px.finetuning.loop import FinetuneConfig, finetune
+from hf_px.finetuning.lora import apply_lora, lora_target_modules, merge_lora
+from hf_px.pruning.masks import apply_masks
+from hf_px.pruning.targets import collect_targets
 
 
 def _pruned(family: str, density: float = 0.4, seed: int = 0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_px.metrics import SHIPPED_METRICS, load_metric, metric_script
+from hf_px.finetuning.metrics import SHIPPED_METRICS, load_metric, metric_script
 
 
 def _f1_reference(pred, ref, cls):

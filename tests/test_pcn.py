@@ -38,7 +38,7 @@ from hf_px.pcn.stats import (
     explained_variance,
     pca,
 )
-from hf_px.targets import collect_targets
+from hf_px.pruning.targets import collect_targets
 
 VOCAB = 100
 

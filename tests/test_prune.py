@@ -8,8 +8,8 @@ from tiny_models import tiny, tiny_batches
 from torch import nn
 
 import hf_px
-from hf_px.masks import density_schedule
-from hf_px.targets import collect_targets
+from hf_px.pruning.masks import density_schedule
+from hf_px.pruning.targets import collect_targets
 
 FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "gpt2-cls", "llama", "vit"]
 

@@ -10,11 +10,11 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from hf_px import PruneConfig
-from hf_px.masks import init_masks
-from hf_px.scoring.base import ScoringContext
-from hf_px.scoring.ntk_diag import NTKDiagScorer
-from hf_px.scoring.px import path_scores
-from hf_px.targets import collect_targets
+from hf_px.pruning.masks import init_masks
+from hf_px.pruning.scoring.base import ScoringContext
+from hf_px.pruning.scoring.ntk_diag import NTKDiagScorer
+from hf_px.pruning.scoring.px import path_scores
+from hf_px.pruning.targets import collect_targets
 
 
 def mlp(seed: int = 0, sizes=(5, 7, 6, 3)) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""The bucketed global ranking (hf_px.ranking) against full sorts, and the new threshold against the old one."""
+"""The bucketed global ranking (hf_px.pruning.ranking) against full sorts, and the new threshold against the old one."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny_models import tiny
 
-from hf_px.masks import _keep_count, _topk_mask, init_masks, select_masks
-from hf_px.ranking import Ranking
-from hf_px.targets import Target, collect_targets
+from hf_px.pruning.masks import _keep_count, _topk_mask, init_masks, select_masks
+from hf_px.pruning.ranking import Ranking
+from hf_px.pruning.targets import Target, collect_targets
 
 
 def _groups(seed: int, ties: bool = False) -> list[torch.Tensor]:

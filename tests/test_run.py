@@ -51,7 +51,7 @@ def manifests(root: Path) -> dict[str, dict]:
 
 
 def prunable_zeros(model) -> tuple[int, int]:
-    from hf_px.targets import collect_targets
+    from hf_px.pruning.targets import collect_targets
 
     targets = collect_targets(model)
     return sum(int((t.param == 0).sum()) for t in targets), sum(t.param.numel() for t in targets)
@@ -201,7 +201,20 @@ def test_vit_on_an_image_folder(tmp_path):
            "finetune": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "progress_bar": False},
            "output": {"output_dir": str(tmp_path / "run")}}
     result = run_pipeline(cfg, progress=False)
-    assert result.report["calibration"]["num_examples"] == 8 and result.report["evaluate"]["eval_accuracy"] >= 0
+    assert result.report["calibration"]["num_examples"] == 8
+    # the reported accuracy is the saved model's: recomputed here from its own predictions on the 8 test images
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(result.model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(result.model_dir)
+    images = sorted((tmp_path / "images" / "test").glob("*/*.png"))
+    pixels = processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        predicted = model(pixel_values=pixels).logits.argmax(-1).tolist()
+    accuracy = sum(model.config.id2label[i] == p.parent.name for i, p in zip(predicted, images, strict=True)) / len(images)
+    stage = json.loads(next((tmp_path / "run").glob("*-evaluate/metrics.json")).read_text())
+    assert result.report["evaluate"]["eval_accuracy"] == pytest.approx(accuracy)
+    assert stage["eval_accuracy"] == pytest.approx(accuracy)
     assert result.report["prune"]["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert (result.model_dir / "preprocessor_config.json").exists()
     assert "image-classification" in (result.model_dir / "README.md").read_text()
@@ -214,7 +227,7 @@ def _final_state(result) -> dict[str, torch.Tensor]:
 
 
 def test_interrupted_fine_tuning_resumes_to_the_same_result(tmp_path, monkeypatch):
-    import hf_px.train_outputs as U
+    import hf_px.finetuning.outputs as U
 
     reference = run_pipeline(tiny_config(tmp_path / "ref"), progress=False)
     out = tmp_path / "run"
@@ -248,7 +261,7 @@ def test_sigint_stops_cleanly_and_the_next_run_resumes(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "hf_px.run", str(path), "--no-progress"]
+    cmd = [sys.executable, "-m", "hf_px", "run", str(path), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpts = out / "04-finetune.work" / "checkpoints"
     deadline = time.time() + 120
@@ -350,13 +363,15 @@ def test_misspelt_flags_name_the_closest_valid_one(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
-def test_run_is_callable_after_importing_the_module():
-    import importlib
+def test_run_is_the_pipeline_function_and_python_m_hf_px_is_the_command_line():
+    import importlib.util
 
-    module = importlib.import_module("hf_px.run")
-    assert callable(hf_px.run) and callable(module)
+    assert hf_px.run is run_pipeline and importlib.util.find_spec("hf_px.run") is None  # no module to shadow it
     with pytest.raises(ConfigError, match="config file .* not found"):
         hf_px.run("does-not-exist.yaml")
+    proc = subprocess.run([sys.executable, "-m", "hf_px", "run", "does-not-exist.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "hf-px run: error: config file 'does-not-exist.yaml' not found" in proc.stderr
 
 
 def test_accelerate_launch_runs_the_pipeline_on_two_processes(tmp_path):
@@ -366,7 +381,7 @@ def test_accelerate_launch_runs_the_pipeline_on_two_processes(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "hf_px.run", str(path), "--no-progress"]
+           "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "hf_px", "run", str(path), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "terminate called" in proc.stderr + proc.stdout:

@@ -12,10 +12,11 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-import hf_px.serialization as S
-from hf_px.card import build_card
-from hf_px.masks import apply_masks, masks_from_model
-from hf_px.targets import prunable_parameters
+import hf_px.export.serialization as S
+from hf_px.export.card import build_card
+from hf_px.export.sparse_format import dense_state_dict
+from hf_px.pruning.masks import apply_masks, masks_from_model
+from hf_px.pruning.targets import prunable_parameters
 
 
 def pruned_bert(sparsity: float = 0.9, seed: int = 0, **cfg) -> tuple[torch.nn.Module, dict]:
@@ -60,7 +61,7 @@ def test_pack_unpack_is_exact(dtype, shape):
     assert packed["w.px_values"].dtype == dtype and packed["w.px_values"].numel() == int(mask.sum())
     assert packed["w.px_bitmask"].dtype == torch.uint8 and packed["w.px_bitmask"].numel() == math.ceil(w.numel() / 8)
     assert packed["w.px_shape"].tolist() == list(shape)
-    back = S.dense_state_dict(packed)
+    back = dense_state_dict(packed)
     assert torch.equal(back["w"], w) and back["w"].dtype == dtype and torch.equal(back["b"], torch.ones(3))
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from hf_px.masks import apply_masks
-from hf_px.sparse_inference import CSRLinear, densify, sparsify_for_cpu
-from hf_px.targets import prunable_parameters
+from hf_px.export.sparse_inference import CSRLinear, densify, sparsify_for_cpu
+from hf_px.pruning.masks import apply_masks
+from hf_px.pruning.targets import prunable_parameters
 
 
 def pruned(sparsity: float) -> BertForSequenceClassification:

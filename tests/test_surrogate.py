@@ -7,12 +7,12 @@ import torch
 from tiny_models import tiny, tiny_batches
 
 import hf_px
-from hf_px.heads import pool, run_head
-from hf_px.masks import init_masks
-from hf_px.scoring.base import model_inputs
-from hf_px.scoring.px import build_run, transformer_scores
-from hf_px.surrogate import surrogate_attention
-from hf_px.targets import collect_targets
+from hf_px.pruning.masks import init_masks
+from hf_px.pruning.scoring.base import model_inputs
+from hf_px.pruning.scoring.px import build_run, transformer_scores
+from hf_px.pruning.surrogate import run_head, surrogate_attention
+from hf_px.pruning.targets import collect_targets
+from hf_px.registry import pool
 
 FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "gpt2-cls", "llama", "vit"]
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny
 
-from hf_px.masks import apply_masks
-from hf_px.targets import collect_targets
-from hf_px.train import FinetuneConfig, finetune
-from hf_px.train_outputs import latest_checkpoint
+from hf_px.finetuning.loop import FinetuneConfig, finetune
+from hf_px.finetuning.outputs import latest_checkpoint
+from hf_px.pruning.masks import apply_masks
+from hf_px.pruning.targets import collect_targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "plot", "the", "a", "was", "is", "very"]
@@ -258,7 +258,7 @@ def test_two_cpu_processes_train_with_masks_fixed(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 0.1
 
-    from hf_px.serialization import load
+    from hf_px.export.serialization import load
 
     _assert_masks_hold(load(str(tmp_path / "out" / "model")), masks)
 
@@ -283,7 +283,7 @@ def test_token_classification_pads_labels_with_ignore_index():
 
 def test_cli_finetunes_a_sparse_checkpoint_with_lora(tmp_path, capsys):
     from hf_px.cli import main
-    from hf_px.serialization import load, save_pretrained
+    from hf_px.export.serialization import load, save_pretrained
 
     tok = _word_tokenizer()
     model, masks = _pruned(vocab_size=len(tok), num_labels=2)

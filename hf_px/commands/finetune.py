@@ -76,7 +76,7 @@ def register(subparsers: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..train import FinetuneConfig
+    from ..config import FinetuneConfig
 
     return FinetuneConfig(
         epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
@@ -121,7 +121,7 @@ def check_data(args: argparse.Namespace, cfg: Any, train: Any, evals: Any, eval_
     """(train, eval, Labels or None): both splits with labels as ids of the training split's one map; missing text
     and labels the head cannot hold are refused before any model is loaded, with the checks of ``hf-px run``."""
     from ..data import check_text_rows, resolve_columns
-    from ..labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
+    from ..data.labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
 
     causal = _causal(args, cfg)
     text, label, _ = resolve_columns(train, args.text_column, None if causal else args.label_column)
@@ -143,8 +143,8 @@ def load_model(args: argparse.Namespace, cfg: Any, labels: Any = None):
     """The checkpoint as a trainable model (a classification head is added to a bare encoder) + tokenizer."""
     import transformers
 
-    from ..labels import set_label_names
-    from ..serialization import load
+    from ..data.labels import set_label_names
+    from ..export.serialization import load
 
     archs = getattr(cfg, "architectures", None) or []
     has_head = any(("For" in a or "LMHead" in a) for a in archs)
@@ -188,9 +188,9 @@ def check_output_dir(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..masks import masks_from_model
+    from ..finetuning.loop import finetune
     from ..modeling import check_model_source
-    from ..train import finetune
+    from ..pruning.masks import masks_from_model
     from .prune import check_push_args, push_if_asked
 
     check_push_args(args)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import PruneConfig
 from ..folders import check_output_folder, local_inputs
-from ..scoring import SCORERS
+from ..pruning.scoring import SCORERS
 
 EPILOG = """examples:
   hf-px prune --model ./minilm --dataset builtin:rotten_tomatoes --sparsity 0.9 --output-dir out/
@@ -108,14 +108,14 @@ def check_push_args(args: argparse.Namespace) -> None:
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push-to-hub needs --hub-model-id (e.g. --hub-model-id user/minilm-px90).")
     if args.push_to_hub:
-        from ..hub import check_repo_id
+        from ..export.hub import check_repo_id
 
         check_repo_id(args.hub_model_id, "--hub-model-id")
 
 
 def push_if_asked(args: argparse.Namespace, folder) -> None:
     if args.push_to_hub:
-        from ..hub import push_to_hub
+        from ..export.hub import push_to_hub
 
         url = push_to_hub(str(folder), args.hub_model_id, private=args.hub_private)
         print(f"pushed to {url}")
@@ -142,7 +142,7 @@ def _checked_calibration_data(args: argparse.Namespace, ds: Any) -> tuple[Any, A
     """The calibration split with labels as ids of one map, and that map; refused (before any model is loaded)
     for missing text or labels the head cannot hold, with the same checks as ``hf-px run``."""
     from ..data import check_text_rows, resolve_columns
-    from ..labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
+    from ..data.labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
     from ..modeling import CLASSIFICATION_TASKS, task_from_config
 
     text, label, image = resolve_columns(ds, args.text_column, args.label_column, args.image_column)
@@ -176,9 +176,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output_dir, args.overwrite, (args.model, args.tokenizer, args.dataset))
     check_push_args(args)
     from ..data import calibration_batches, load_dataset_any
-    from ..labels import set_label_names
+    from ..data.labels import set_label_names
     from ..modeling import check_model_source, load_model, load_processor
-    from ..prune import prune
+    from ..pruning.loop import prune
 
     check_model_source(args.model, allow_pickle=args.allow_pickle)
     dataset = load_dataset_any(args.dataset, config_name=args.dataset_config, split=args.split, seed=args.seed)

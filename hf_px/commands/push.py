@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import HubPushError, push_to_hub
+    from ..export.hub import HubPushError, push_to_hub
 
     try:
         url = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,

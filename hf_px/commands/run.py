@@ -6,7 +6,7 @@ lists work). Flags of ``hf-px prune`` / ``hf-px finetune`` map onto keys as list
 examples:
   hf-px run scripts/configs/tiny-smoke.yaml --output.output_dir runs/smoke
   hf-px run scripts/configs/minilm-rotten-tomatoes.yaml --prune.sparsity 0.9 --force
-  accelerate launch --config_file scripts/configs/accelerate_cpu2.yaml -m hf_px.run scripts/configs/tiny-smoke.yaml
+  accelerate launch --config_file scripts/configs/accelerate_cpu2.yaml -m hf_px run scripts/configs/tiny-smoke.yaml
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class Plan:
     label_column: str | None
     image_column: str | None
     eval_split: str | None
-    labels: Any = None  # hf_px.labels.Labels: the one label map of every split, written into the model config
+    labels: Any = None  # hf_px.data.labels.Labels: the one label map of every split, written into the model config
 
 
 def resolve_builtin(name: str | None) -> str | None:
@@ -96,7 +96,7 @@ def _read_config(folder: Path, trust_remote_code: bool):
 
 
 def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    from ..checkpoint_files import CheckpointFileError, check_checkpoint_files
+    from ..export.checkpoint_files import CheckpointFileError, check_checkpoint_files
 
     try:
         headers = check_checkpoint_files(folder)
@@ -117,7 +117,7 @@ def _check_weights_match(folder: Path, config: Any, trust_remote_code: bool) -> 
     with torch.device("meta"):
         skeleton = transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     if sparse:  # packed names differ from the model's: hf_px.load's own layout check, without the loading
-        from ..serialization import check_sparse_folder
+        from ..export.serialization import check_sparse_folder
 
         try:
             check_sparse_folder(folder, skeleton)
@@ -209,7 +209,7 @@ def _drop_rows(ds: Any, rows: list[int]) -> Any:
 
 def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
     from ..data import check_text_rows, empty_text_rows, load_dataset_any, resolve_columns
-    from ..labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
+    from ..data.labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
 
     d = cfg.data
     try:
@@ -281,7 +281,7 @@ def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
 def check_push(cfg: RunConfig) -> None:
     if not cfg.push.enabled:
         return
-    from ..hub import check_repo_id
+    from ..export.hub import check_repo_id
 
     try:
         check_repo_id(cfg.push.hub_model_id, "push.hub_model_id")

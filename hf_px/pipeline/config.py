@@ -1,7 +1,7 @@
 """``RunConfig``: one YAML/JSON file that describes a whole ``hf-px run``, validated into dataclasses.
 
 Sections map onto the dataclasses the library already has (``prune`` -> :class:`~hf_px.PruneConfig`, ``pcn`` ->
-:class:`~hf_px.pcn.PCNConfig`, ``finetune`` -> :class:`~hf_px.train.FinetuneConfig`) plus the small sections
+:class:`~hf_px.pcn.PCNConfig`, ``finetune`` -> :class:`~hf_px.config.FinetuneConfig`) plus the small sections
 below. A section set to ``null`` (or ``enabled: false``) skips its stage. Unknown keys are errors that name the
 closest valid key.
 
@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from ..config import PruneConfig, short_repr
-from ..distill import DistillConfig
+from ..config import FinetuneConfig, PruneConfig, short_repr
+from ..finetuning.distill import DistillConfig
 from ..pcn.config import PCNConfig
-from ..train import FinetuneConfig
 from .config_files import ConfigError, check_size, key_text, read_config_file
 
 TASKS = ("auto", "sequence-classification", "image-classification", "causal-lm")

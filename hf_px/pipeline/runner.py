@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..folders import RUN_MARKER, FolderLockedError, folder_lock
-from . import steps
 from .checks import check_run
 from .config import ConfigError, RunConfig
+from .context import Context
 from .stages import Stage, clean_leftovers, fingerprint, write_json_atomic
 from .table import FOLDERS, STAGES, StageSpec
 
@@ -68,9 +68,9 @@ def _world() -> tuple[int, Any]:
         return 1, None
     from accelerate import PartialState
 
-    from ..train import _has_device
+    from ..finetuning.accelerator import has_device
 
-    return world, PartialState(cpu=not _has_device())
+    return world, PartialState(cpu=not has_device())
 
 
 def _say(msg: str, main: bool) -> None:
@@ -149,7 +149,7 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
         write_json_atomic(root / RUN_MARKER, {"config": cfg.to_dict(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                               "world_size": world, "stages_off": off})
     barrier()
-    ctx = steps.Context(cfg=cfg, plan=plan, root=root, folders=FOLDERS, progress=progress, is_main=is_main)
+    ctx = Context(cfg=cfg, plan=plan, root=root, folders=FOLDERS, progress=progress, is_main=is_main)
     config_values = cfg.to_dict()
     status: dict[str, str] = {}
     upstream: list[str] = []
@@ -202,7 +202,7 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
 _RESUMABLE = {spec.name for spec in STAGES if spec.resumable}
 
 
-def _run_stage(ctx: steps.Context, spec: StageSpec, stage: Stage, is_main: bool, force: bool,
+def _run_stage(ctx: Context, spec: StageSpec, stage: Stage, is_main: bool, force: bool,
                barrier: Callable[[], None]) -> None:
     work = ctx.work_dir(spec.name) if spec.resumable else None
     if work is not None:

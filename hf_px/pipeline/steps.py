@@ -11,93 +11,24 @@ import dataclasses
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checks import Plan
-from .config import RunConfig
-from .stages import Stage, copy_tree, write_json_atomic
+from .context import Context, random_init_config
+from .stages import copy_tree, write_json_atomic
+from .summary import model_stats, write_card, write_report
 
 BATCHES_FILE = "batches.safetensors"
 MASKS_FILE = "masks.safetensors"
-
-
-@dataclass
-class Context:
-    cfg: RunConfig
-    plan: Plan
-    root: Path
-    folders: dict[str, str]  # stage name -> its folder's name under root
-    stages: dict[str, Stage] = field(default_factory=dict)  # completed or enabled stages by name
-    progress: bool = True
-    is_main: bool = True
-    _processor: Any = None
-
-    def stage_path(self, name: str) -> Path:
-        return self.root / self.folders[name]
-
-    def work_dir(self, name: str) -> Path:
-        """Where a resumable stage keeps its checkpoints until it is complete."""
-        return self.root / f"{self.folders[name]}.work"
-
-    def has(self, name: str) -> bool:
-        return name in self.stages
-
-    def processor(self):
-        if self._processor is None:
-            from ..modeling import load_processor
-
-            kind = "image-classification" if self.plan.task == "image-classification" else "text"
-            self._processor = load_processor(self.plan.tokenizer_path, kind, gguf_file=self.cfg.model.gguf_file)
-            if kind == "text" and getattr(self._processor, "pad_token", "x") is None:
-                self._processor.pad_token = self._processor.eos_token
-        return self._processor
-
-    def latest_model_dir(self) -> Path | None:
-        for name in ("finetune", "prune", "pcn"):
-            if self.has(name):
-                return self.stage_path(name) / "model"
-        return self.teacher_dir() if self.compresses_teacher() else None
-
-    def teacher_dir(self) -> Path:
-        return self.stage_path("teacher") / "model"
-
-    def compresses_teacher(self) -> bool:
-        """PCN and pruning start from the teacher stage's fine-tuned weights (``prune.source: teacher``)."""
-        return self.cfg.prune is not None and self.cfg.prune.source == "teacher" and self.has("teacher")
-
-
-# ------------------------------------------------------------------------------------------ models
-def random_init_config(ctx: Context):
-    """The transformers config of a ``model.from_config`` model (vocab from the tokenizer, labels from the data)."""
-    import transformers
-
-    from ..labels import set_label_names
-    from ..modeling import CLASSIFICATION_TASKS
-
-    fields = dict(ctx.cfg.model.from_config)
-    model_type = fields.pop("model_type")
-    tok = ctx.processor()
-    if "vocab_size" not in fields and hasattr(tok, "__len__"):
-        fields["vocab_size"] = len(tok)
-    if ctx.plan.task in CLASSIFICATION_TASKS:
-        fields["num_labels"] = ctx.plan.num_labels
-    fields.setdefault("pad_token_id", getattr(tok, "pad_token_id", None))
-    config = transformers.AutoConfig.for_model(model_type, **fields)
-    config._attn_implementation = "eager"
-    if ctx.plan.task in CLASSIFICATION_TASKS:
-        set_label_names(config, ctx.plan.labels)
-    return config
 
 
 def source_model(ctx: Context) -> torch.nn.Module:
     """The starting model; a new head (or a from_config model) is initialised with data.seed."""
     from transformers import set_seed
 
-    from ..labels import set_label_names
+    from ..data.labels import set_label_names
     from ..modeling import CLASSIFICATION_TASKS, TASKS, load_model
 
     cfg, plan = ctx.cfg, ctx.plan
@@ -117,14 +48,14 @@ def current_model(ctx: Context) -> torch.nn.Module:
     folder = ctx.latest_model_dir()
     if folder is None:
         return source_model(ctx)
-    from ..serialization import load
+    from ..export.serialization import load
 
     return load(str(folder), trust_remote_code=ctx.cfg.model.trust_remote_code).eval()
 
 
 def save_model(model: torch.nn.Module, folder: Path, ctx: Context, masks: dict | None = None,
                metadata: dict | None = None, format: str = "dense") -> None:
-    from ..serialization import save_pretrained
+    from ..export.serialization import save_pretrained
 
     save_pretrained(model, folder, format=format, masks=masks, tokenizer=ctx.processor(), card=False,
                     metadata=metadata)
@@ -189,8 +120,8 @@ def pcn(ctx: Context, tmp: Path, summary: dict) -> None:
 
 
 def prune(ctx: Context, tmp: Path, summary: dict) -> None:
-    from ..prune import prune as run_prune
-    from ..scoring.base import local_scoring
+    from ..pruning.loop import prune as run_prune
+    from ..pruning.scoring.base import local_scoring
 
     model = current_model(ctx)
     config = dataclasses.replace(ctx.cfg.prune, pcn=None)
@@ -208,7 +139,7 @@ def prune(ctx: Context, tmp: Path, summary: dict) -> None:
 
 def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill: Any = None) -> Any:
     """Fine-tune ``model`` with the finetune recipe (every process); checkpoints go to the stage's work folder."""
-    from ..train import finetune as run_finetune
+    from ..finetuning.loop import finetune as run_finetune
 
     work = ctx.work_dir(name)
     ft = ctx.cfg.finetune
@@ -241,7 +172,7 @@ def teacher(ctx: Context, tmp: Path | None, summary: dict) -> None:
         if tmp is not None:
             _keep_training_outputs(ctx, "teacher", out, tmp, summary)
         return
-    from ..serialization import load
+    from ..export.serialization import load
 
     model = load(given, trust_remote_code=ctx.cfg.model.trust_remote_code).eval()
     metrics = _eval_metrics(ctx, model)
@@ -269,7 +200,7 @@ def finetune(ctx: Context, tmp: Path | None, summary: dict) -> None:
 
 
 def _eval_metrics(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
-    from ..evaluation import evaluate as run_eval
+    from ..finetuning.evaluation import evaluate as run_eval
 
     if ctx.plan.eval is None:
         return {}
@@ -291,8 +222,6 @@ def evaluate(ctx: Context, tmp: Path | None, summary: dict) -> None:
 
 
 def save(ctx: Context, tmp: Path, summary: dict) -> None:
-    from .summary import model_stats
-
     model = current_model(ctx)
     masks = None
     for name in ("finetune", "prune"):
@@ -306,20 +235,16 @@ def save(ctx: Context, tmp: Path, summary: dict) -> None:
 
 
 def report(ctx: Context, tmp: Path, summary: dict) -> None:
-    from .summary import write_report
-
     summary.update(write_report(ctx, tmp))
 
 
 def card(ctx: Context, tmp: Path, summary: dict) -> None:
-    from .summary import write_card
-
     copy_tree(ctx.stage_path("save") / "model", tmp / "model")
     summary.update(write_card(ctx, tmp / "model"))
 
 
 def push(ctx: Context, tmp: Path, summary: dict) -> None:
-    from ..hub import push_to_hub
+    from ..export.hub import push_to_hub
 
     url = push_to_hub(str(ctx.stage_path("card") / "model"), ctx.cfg.push.hub_model_id,
                       private=ctx.cfg.push.private)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .context import random_init_config
 from .stages import write_json_atomic
 
 PLOTS = {
@@ -58,7 +59,6 @@ def source_stats(ctx: Any) -> dict[str, Any]:
     import transformers
 
     from ..modeling import CLASSIFICATION_TASKS, TASKS
-    from .steps import random_init_config
 
     plan = ctx.plan
     if ctx.cfg.model.from_config is not None:
@@ -109,7 +109,7 @@ def collect(ctx: Any) -> dict[str, Any]:
     teacher = out["stages"].get("teacher", {}).get("summary")
     out["teacher"] = {k: teacher.get(k) for k in ("metrics", "steps", "checkpoint")} if teacher else None
     if teacher and out["evaluate"]:
-        from ..evaluation import baseline_rows
+        from ..finetuning.evaluation import baseline_rows
 
         out["baseline"] = baseline_rows(out["evaluate"], teacher.get("metrics"))
     out["size"] = {"before": source_stats(ctx), "after": {k: v for k, v in
@@ -270,7 +270,7 @@ def publish_report(ctx: Any) -> None:
 
 
 def write_card(ctx: Any, model_dir: Path) -> dict[str, Any]:
-    from ..card import build_card, pipeline_tag_for
+    from ..export.card import build_card, pipeline_tag_for
     from .stages import copy_tree
 
     data = json.loads((ctx.stage_path("report") / "report.json").read_text())

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint_files import read_header
+from ..export.checkpoint_files import read_header
 
 FORMAT = "hf_px-checkpoint"
 VERSION = 1

@@ -10,7 +10,7 @@ from torch import nn
 
 def resolve_masks(model: nn.Module, result_masks: Any, masks: dict[str, torch.Tensor] | None) -> dict:
     """Masks given explicitly, else those of a PruneResult, else read from the model's zeros."""
-    from .masks import masks_from_model
+    from ..pruning.masks import masks_from_model
 
     chosen = masks if masks is not None else result_masks
     if chosen is None:

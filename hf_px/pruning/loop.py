@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import PruneConfig
+from ..config import PruneConfig
+from ..registry import find_arch
 from .masks import apply_masks, density_schedule, init_masks, select_masks
-from .registry import find_arch
 from .report import Report, layer_rows
 from .scoring import ScoringContext, get_scorer
 from .targets import collect_targets, is_transformers_model
@@ -26,7 +26,7 @@ class PruneResult:
     """What :func:`prune` returns.
 
     ``model`` is the pruned model itself (zeros baked into its weights, no hooks left), ``masks`` the boolean
-    masks by parameter name, ``report`` a :class:`~hf_px.report.Report` (prints as a table, ``to_dict()`` for JSON).
+    masks by parameter name, ``report`` a :class:`~hf_px.pruning.report.Report` (prints as a table, ``to_dict()`` for JSON).
     """
 
     model: nn.Module
@@ -38,7 +38,7 @@ class PruneResult:
 
     def save_pretrained(self, save_directory: str, format: str = "dense", **kwargs: Any):
         """Save model (+ tokenizer, model card, hf_px.json) atomically; ``format`` is "dense" or "sparse"."""
-        from .serialization import save_pretrained
+        from ..export.serialization import save_pretrained
 
         kwargs.setdefault("tokenizer", self.tokenizer)
         return save_pretrained(self.model, save_directory, format=format, masks=self.masks,
@@ -48,8 +48,8 @@ class PruneResult:
         """Save to a temporary folder and push it as one commit; returns the commit URL."""
         import tempfile
 
-        from .card import build_card, pipeline_tag_for
-        from .hub import push_to_hub
+        from ..export.card import build_card, pipeline_tag_for
+        from ..export.hub import push_to_hub
 
         card = build_card(self.report.to_dict(), base_model=self.report.get("base_model"), format=format,
                           pipeline_tag=pipeline_tag_for(self.model), repo_id=repo_id)
@@ -120,7 +120,7 @@ def prune(
 
     extras: dict[str, Any] = {}
     if config.pcn is not None:
-        from .pcn import apply_pcn
+        from ..pcn import apply_pcn
 
         extras["pcn"] = apply_pcn(model, batches, config.pcn)
 

@@ -27,7 +27,7 @@ import datasets
 import numpy as np
 import torch
 
-from . import data_files
+from .files import load_checked
 from .labels import is_string_feature as _is_string
 from .labels import prepare_labels as _prepare_labels
 
@@ -141,7 +141,7 @@ def _build(ext: str | None, files: Any, split: str | None, shown: str) -> datase
         dd = datasets.load_dataset("imagefolder", data_dir=files)
     else:
         kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-        dd = data_files.load_checked(_TABULAR_BUILDERS[ext], files, shown, **kwargs)
+        dd = load_checked(_TABULAR_BUILDERS[ext], files, shown, **kwargs)
     return _pick_split(dd, split, shown)
 
 

@@ -8,7 +8,7 @@ decoupled weight decay and its moment estimates included) and the final sparsity
 Example:
     >>> import datasets, torch
     >>> from transformers import BertConfig, BertForSequenceClassification
-    >>> from hf_px.train import FinetuneConfig, finetune
+    >>> from hf_px.finetuning.loop import FinetuneConfig, finetune
     >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
     ...     num_attention_heads=2, intermediate_size=64, vocab_size=100))
     >>> ds = datasets.Dataset.from_dict({"input_ids": [[1, 5, 7, 2]] * 16, "attention_mask": [[1] * 4] * 16,
@@ -31,8 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import evaluation, fixed_masks, optim, train_data, train_outputs
-from .config import FinetuneConfig
+from ..config import FinetuneConfig
+from . import evaluation, fixed_masks, optim, outputs
+from .accelerator import make_accelerator
+from .data import make_collate, prepare_datasets, task_of
 
 
 @dataclass
@@ -53,46 +55,6 @@ class FinetuneOutput:
     resumed_from: str | None = None
     output_dir: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-def _mixed_precision(requested: str | None) -> str | None:
-    cuda = torch.cuda.is_available()
-    if requested is None:
-        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-            return None  # set by `accelerate launch` / its config file
-        if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"
-    if requested == "fp16" and not cuda:
-        raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU.")
-    return requested
-
-
-def _has_device() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
-
-
-def _make_accelerator(config: FinetuneConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
-
-    log_with = []
-    if "tensorboard" in config.log_with and config.output_dir:
-        if is_tensorboard_available():
-            log_with.append("tensorboard")
-        else:
-            warnings.warn("log_with includes 'tensorboard' but tensorboard is not installed "
-                          "(pip install tensorboard); logging to JSON lines only.", stacklevel=3)
-    return Accelerator(
-        cpu=not _has_device(),  # CPU processes need this to form a gloo group (docs/offline.md §5)
-        mixed_precision=_mixed_precision(config.mixed_precision),
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        log_with=log_with or None,
-        project_dir=config.output_dir,
-    )
 
 
 def _unpack(model_or_result: Any, tokenizer: Any) -> tuple[nn.Module, Any, Any]:
@@ -141,11 +103,11 @@ def finetune(
 
     model, result_masks, tokenizer = _unpack(model_or_result, tokenizer)
     masks = fixed_masks.resolve_masks(model, result_masks, masks)
-    task = train_data.task_of(model)
+    task = task_of(model)
     metric_names = config.metrics or (("perplexity",) if task == "causal_lm" else ("accuracy",))
     own_accelerator = accelerator is None
     if own_accelerator:
-        accelerator = _make_accelerator(config)
+        accelerator = make_accelerator(config)
     else:
         accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
     set_seed(config.seed)
@@ -164,10 +126,10 @@ def finetune(
     distiller = build_distiller(config.distill, model, accelerator)  # None without distillation
 
     with accelerator.main_process_first():
-        train_ds, eval_ds = train_data.prepare_datasets(train_dataset, eval_dataset, tokenizer, config, task, model)
+        train_ds, eval_ds = prepare_datasets(train_dataset, eval_dataset, tokenizer, config, task, model)
     if distiller is not None:
         train_ds = distiller.wrap_dataset(train_ds)  # example ids key the teacher-logit cache
-    collate = train_data.make_collate(tokenizer, model, task)
+    collate = make_collate(tokenizer, model, task)
     # a private generator: creating a data iterator must not draw from the global RNG that dropout uses,
     # or a resumed run (which creates its iterator mid-epoch) would see different dropout masks
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
@@ -196,7 +158,7 @@ def finetune(
 
     out_dir = config.output_dir
     ckpt_root = os.path.join(out_dir, "checkpoints") if out_dir else None
-    logger = train_outputs.JsonlLogger(os.path.join(out_dir, "logs", "metrics.jsonl")
+    logger = outputs.JsonlLogger(os.path.join(out_dir, "logs", "metrics.jsonl")
                            if out_dir and accelerator.is_main_process and "jsonl" in config.log_with else None)
     if own_accelerator and accelerator.log_with:
         accelerator.init_trackers("hf_px_finetune", config={k: str(v) for k, v in config.to_dict().items()})
@@ -205,16 +167,16 @@ def finetune(
 
     global_step, start_epoch, skip, history, resumed_from = 0, 0, 0, [], None
     if config.resume:
-        resumed_from = train_outputs.find_resume_point(ckpt_root, warn=accelerator.is_main_process)
+        resumed_from = outputs.find_resume_point(ckpt_root, warn=accelerator.is_main_process)
         if resumed_from is None:
             warnings.warn(f"resume=True but {ckpt_root} holds no complete, intact checkpoint; starting from step 0.",
                           stacklevel=2)
         else:
-            state, saved_masks = train_outputs.load_checkpoint_meta(resumed_from)
+            state, saved_masks = outputs.load_checkpoint_meta(resumed_from)
             if set(saved_masks) != set(masks) or any(not torch.equal(saved_masks[n], masks[n]) for n in masks):
                 raise ValueError(f"the masks of {resumed_from} differ from this model's masks: resume with the same "
                                  "pruned model, or start a fresh run (resume=False or another output_dir).")
-            train_outputs.load_checkpoint_state(resumed_from, accelerator, model, optimizer, scheduler)
+            outputs.load_checkpoint_state(resumed_from, accelerator, model, optimizer, scheduler)
             fixed_masks.reapply_masks(pairs)
             global_step, start_epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
             if state.get("total_steps", total_steps) != total_steps:
@@ -289,7 +251,7 @@ def finetune(
             if ckpt_root and config.save_every and global_step % config.save_every == 0:
                 state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batch_in_epoch,
                          "history": history, "total_steps": total_steps}
-                train_outputs.save_checkpoint(accelerator, ckpt_root, global_step, state, masks, config.save_total_limit,
+                outputs.save_checkpoint(accelerator, ckpt_root, global_step, state, masks, config.save_total_limit,
                                               model, optimizer, scheduler)
             if on_step is not None:
                 on_step(global_step, record)
@@ -316,7 +278,7 @@ def finetune(
                 "distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision},
     )
     if out_dir:
-        train_outputs.save_outputs(accelerator, output, config, masks if final_model_masks else None, tokenizer)
+        outputs.save_outputs(accelerator, output, config, masks if final_model_masks else None, tokenizer)
     if own_accelerator and accelerator.log_with:
         accelerator.end_training()
     return output

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .registry import ArchSpec, find_arch, get_arch, get_module, is_linear_like
+from ..registry import ArchSpec, find_arch, get_arch, get_module, is_linear_like
 
 
 @dataclass(eq=False)

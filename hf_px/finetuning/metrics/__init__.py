@@ -5,7 +5,7 @@ short metric scripts (accuracy, f1, perplexity) inside the package and loads the
 path to a script) is passed to ``evaluate.load`` unchanged, so Hub metrics stay usable online.
 
 Example:
-    >>> from hf_px.metrics import load_metric
+    >>> from hf_px.finetuning.metrics import load_metric
     >>> load_metric("accuracy").compute(predictions=[1, 0, 1], references=[1, 1, 1])["accuracy"]
     0.6666666666666666
 """

@@ -14,7 +14,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-DEFAULT_TEMPLATE = pathlib.Path(__file__).resolve().parent.parent / "model_cards" / "default.md"
+DEFAULT_TEMPLATE = pathlib.Path(__file__).resolve().parents[2] / "model_cards" / "default.md"
 TAGS = ["pruned", "sparse", "px", "pcn", "hf-px"]
 REPO_PLACEHOLDER = "path/or/repo-id"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -147,7 +147,7 @@ def build_card(
         template_path: a Jinja markdown template; default ``model_cards/default.md``.
         repo_id: where the checkpoint will live, used in the load snippet.
         plots: ``(caption, relative path)`` of images stored with the checkpoint, shown in a Plots section.
-        baseline: the dense model's scores beside this model's, as :func:`hf_px.evaluation.baseline_rows` gives
+        baseline: the dense model's scores beside this model's, as :func:`hf_px.finetuning.evaluation.baseline_rows` gives
             them (``metric``, ``dense``, ``value``, ``retained``); the Evaluation section then compares the two.
 
     Example:

@@ -5,7 +5,7 @@ Two on-disk formats, both written atomically (temp folder next to the target, th
 * ``dense``: the ordinary ``model.safetensors`` with the zeros baked in. Stock
   ``AutoModel*.from_pretrained(dir)`` reads it; ``hf_px`` is not needed.
 * ``sparse``: one file ``model.sparse.safetensors``: every masked matrix as kept values + a packed bitmask +
-  its shape, every other tensor as it is (layout in :mod:`hf_px.sparse_format`). Read it with :func:`load`,
+  its shape, every other tensor as it is (layout in :mod:`hf_px.export.sparse_format`). Read it with :func:`load`,
   which checks the whole file against ``hf_px.json`` and the config first; the reload is bit-identical (a pruned
   ``-0.0`` comes back as ``+0.0``, which compares equal).
 
@@ -33,16 +33,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint_files import CheckpointFileError, check_checkpoint_files, weight_files
-from .sparse_format import (  # noqa: F401 - re-exported: hf_px.serialization is their historical home
-    BIT_ORDER,
-    BITMASK,
+from .sparse_format import (
     LAYOUT_DOC,
-    SHAPE,
-    VALUES,
     Expected,
-    SparseFormatError,
     check_zeros_outside,
-    dense_state_dict,
     dtype_name,
     listed_tensors,
     read_sparse_file,
@@ -78,7 +72,7 @@ def _atomic_dir(target: pathlib.Path) -> Iterator[pathlib.Path]:
         raise FileExistsError(f"'{target}' exists and is not a folder; choose another save directory.")
     if target.is_dir() and any(target.iterdir()):
         # replacing the folder deletes everything in it: only an earlier hf_px save may be replaced
-        from .folders import protected_reason
+        from ..folders import protected_reason
 
         reason = protected_reason(target)
         if reason is not None or not (target / "hf_px.json").is_file():
@@ -160,10 +154,10 @@ def save_pretrained(
         save_directory: target folder; an existing folder is replaced only once the new one is complete.
         format: ``"dense"`` (stock ``from_pretrained`` loads it) or ``"sparse"`` (values + bitmask, smaller;
             load with :func:`load`).
-        masks: boolean masks keyed by parameter name; default ``hf_px.masks.masks_from_model(model)``.
+        masks: boolean masks keyed by parameter name; default ``hf_px.pruning.masks.masks_from_model(model)``.
         tokenizer: anything with ``save_pretrained`` (tokenizer, processor), saved alongside.
         card: a ``huggingface_hub.ModelCard``, written as ``README.md``. Default: built with
-            :func:`hf_px.card.build_card` from ``metadata["report"]`` when there is one; ``False``: no card.
+            :func:`hf_px.export.card.build_card` from ``metadata["report"]`` when there is one; ``False``: no card.
         metadata: JSON-serialisable extras recorded in ``hf_px.json`` (``report``: a pruning report dict).
 
     Returns:
@@ -171,7 +165,7 @@ def save_pretrained(
 
     Example:
         >>> from transformers import BertConfig, BertModel
-        >>> import tempfile, hf_px.serialization as S
+        >>> import tempfile, hf_px.export.serialization as S
         >>> m = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         ...                          intermediate_size=64, vocab_size=100))
         >>> out = S.save_pretrained(m, tempfile.mkdtemp() + "/out", format="sparse")
@@ -186,7 +180,7 @@ def save_pretrained(
         raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}.")
     source = "argument"
     if masks is None:
-        from .masks import masks_from_model
+        from ..pruning.masks import masks_from_model
 
         masks, source = masks_from_model(model), "model zeros (weight != 0)"
     params = dict(model.named_parameters())

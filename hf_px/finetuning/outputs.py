@@ -144,7 +144,7 @@ def save_outputs(accelerator: Any, output: Any, config: Any, masks: dict[str, to
             shutil.rmtree(model_dir, ignore_errors=True)
             os.replace(tmp_dir, model_dir)
         else:
-            from .serialization import save_pretrained
+            from ..export.serialization import save_pretrained
 
             save_pretrained(output.model, model_dir, masks=masks, tokenizer=tokenizer,
                             metadata={"finetune": results})

@@ -2,9 +2,9 @@
 
 * Plain networks (Linear/Conv2d + nn.ReLU, no ``transformers`` base class) use the paper's path network:
   A = unit weights on x² with the real ReLU patterns, B = θ² on an all-ones input, biases 1 in A and b² in B.
-* Registered transformers use the gated-linear surrogate of :mod:`hf_px.surrogate`; the A pass runs in float64
+* Registered transformers use the gated-linear surrogate of :mod:`hf_px.pruning.surrogate`; the A pass runs in float64
   with a fixed rescale at each block boundary; heads keep raw weights. Q/K (and a gated MLP's gate) are
-  off-path: scored by the exact NTK diagonal (or magnitude) and ranked inside their block by ``hf_px.masks``.
+  off-path: scored by the exact NTK diagonal (or magnitude) and ranked inside their block by ``hf_px.pruning.masks``.
 
 Ā = Σ_n A(x_n) is the only place the data enter, so it is summed over batches (and all-reduced over
 processes) before the single B pass of the round.
@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..heads import head_spec, pool, run_head
-from ..registry import get_arch, get_module, is_linear_like
-from ..surrogate import SurrogateRun, surrogate_attention
+from ...registry import get_arch, get_module, head_spec, is_linear_like, pool
+from ..surrogate import SurrogateRun, run_head, surrogate_attention
 from ..targets import Target, is_transformers_model
 from .base import (
     Scorer,

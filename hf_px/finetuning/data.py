@@ -43,7 +43,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, config: Any, task: str, role: 
         raise ValueError(f"{role}_dataset holds raw columns ({', '.join(cols)}) and no tokenizer was given: pass "
                          "tokenizer=AutoTokenizer.from_pretrained(...) (or a PruneResult with .tokenizer), or "
                          "tokenize it first (input_ids, attention_mask, labels).")
-    from .data import encode_dataset
+    from ..data import encode_dataset
 
     label_column = None if task == "causal_lm" else config.label_column
     return encode_dataset(dataset, tokenizer, text_column=config.text_column, label_column=label_column,
@@ -68,7 +68,7 @@ def align_labels(reference: Any, evals: Any, label_column: str, model: nn.Module
     instead of failing as an IndexError in the loss."""
     import datasets
 
-    from .labels import checkpoint_label_names, encode_labels, infer_num_labels, set_label_names
+    from ..data.labels import checkpoint_label_names, encode_labels, infer_num_labels, set_label_names
 
     def scalar_labels(ds: Any) -> str | None:
         if not isinstance(ds, datasets.Dataset):
@@ -93,7 +93,7 @@ def align_labels(reference: Any, evals: Any, label_column: str, model: nn.Module
 
 
 def _collate(examples: list[dict], pad_token_id: int, causal: bool) -> dict[str, torch.Tensor]:
-    from .data import collate
+    from ..data import collate
 
     seq_labels = None
     if examples and "labels" in examples[0] and torch.as_tensor(examples[0]["labels"]).dim() == 1:

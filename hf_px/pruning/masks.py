@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .ranking import Ranking
-from .targets import Target
+from .targets import Target, collect_targets
 
 
 class DensitySchedule(Sequence[float]):
@@ -69,8 +69,6 @@ def masks_from_model(model: nn.Module, param_names: list[str] | None = None) -> 
     With ``param_names=None`` the prunable set of the model's architecture is used.
     """
     if param_names is None:
-        from .targets import collect_targets
-
         param_names = list(dict.fromkeys(t.param_name for t in collect_targets(model, generic=True)))
     params = dict(model.named_parameters())
     return {n: params[n].detach() != 0 for n in param_names}

@@ -230,7 +230,7 @@ def check_zeros_outside(key: str, tensor: torch.Tensor, mask: torch.Tensor) -> N
     if outside:
         raise ValueError(
             f"'{key}' has non-zero weights outside its mask, which the saved masks would contradict; "
-            "zero them first with hf_px.masks.apply_masks(model, masks)."
+            "zero them first with hf_px.pruning.masks.apply_masks(model, masks)."
         )
 
 

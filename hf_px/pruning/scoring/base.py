@@ -1,7 +1,7 @@
 """The scoring interface: one small class per method, found by its ``method`` name.
 
 A scorer turns (model, targets, current masks, calibration batches) into one score tensor per target; the
-iterative schedule, the global threshold and the masks live in :mod:`hf_px.prune` and :mod:`hf_px.masks`.
+iterative schedule, the global threshold and the masks live in :mod:`hf_px.pruning.loop` and :mod:`hf_px.pruning.masks`.
 """
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import PruneConfig
 from ..targets import Target
+
+if TYPE_CHECKING:  # hf_px.config validates PruneConfig.method against this registry: config -> scoring only
+    from ...config import PruneConfig
 
 SCORERS: dict[str, type[Scorer]] = {}
 

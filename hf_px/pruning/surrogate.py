@@ -24,6 +24,8 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..registry import HeadSpec
+
 ATTN_IMPL = "hf_px_surrogate"
 _ACTIVE: SurrogateRun | None = None
 
@@ -255,3 +257,29 @@ def surrogate_attention(model: nn.Module) -> Iterator[None]:
     finally:
         for k, c in configs.items():
             c._attn_implementation = before[k]
+
+
+# ------------------------------------------------------------------------------------------ task heads
+# Heads keep their raw signed weights in both auxiliary passes (docs/px.md §5.6): entered as all-ones they would make
+# every output's data term equal and the ranking independent of the data. Their activations are gated like the
+# trunk's (g² in A, identity in B). Heads are never pruned.
+_ACTS = {"tanh": nn.Tanh(), "relu": nn.ReLU()}
+
+
+def run_head(spec: HeadSpec, pooled: torch.Tensor, mode: str, gates: dict | None = None) -> torch.Tensor:
+    """Apply the head in ``mode``: real (records gates into ``gates``), A (raw weights, g², no bias), B."""
+    x = pooled
+    for i, (linear, act) in enumerate(spec.layers):
+        weight = linear.weight.to(x.dtype)
+        if mode in ("real", "record"):
+            x = nn.functional.linear(x, weight, None if linear.bias is None else linear.bias.to(x.dtype))
+            if act is not None:
+                if gates is not None:
+                    gates[i] = secant_gate(_ACTS[act], x.detach())
+                x = _ACTS[act](x)
+        else:
+            x = nn.functional.linear(x, weight)
+            if act is not None and mode == "A":
+                g = gates[i].to(x.dtype)
+                x = x * g * g
+    return x

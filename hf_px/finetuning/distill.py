@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import train_data
+from .data import EXAMPLE_ID, task_of, with_example_ids
 
 HIDDEN_LOSSES = ("mse", "cosine")
 _CACHE_WARN_BYTES = 4 * 2**30
@@ -207,13 +207,13 @@ class Distiller:
 
     def wrap_dataset(self, dataset: Any) -> Any:
         """The training set with example indices when caching (the cache key); unchanged otherwise."""
-        return train_data.with_example_ids(dataset) if self.cache is not None else dataset
+        return with_example_ids(dataset) if self.cache is not None else dataset
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The distillation loss of one micro-batch (the student forward included); records its terms."""
         cfg = self.config
-        ids = batch.get(train_data.EXAMPLE_ID)
-        inputs = {k: v for k, v in batch.items() if k != train_data.EXAMPLE_ID}
+        ids = batch.get(EXAMPLE_ID)
+        inputs = {k: v for k, v in batch.items() if k != EXAMPLE_ID}
         hidden = cfg.hidden_weight > 0
         out = model(**inputs, output_hidden_states=True) if hidden else model(**inputs)
         if out.loss is None and cfg.alpha < 1:
@@ -317,7 +317,7 @@ def _position_mask(inputs: dict[str, torch.Tensor], logits: torch.Tensor) -> tor
 def load_teacher(teacher: nn.Module | str, student: nn.Module, device: torch.device | str) -> nn.Module:
     """The teacher module, frozen, in eval mode, on ``device`` (a checkpoint path is loaded with ``hf_px.load``)."""
     if isinstance(teacher, str):
-        from .serialization import load
+        from ..export.serialization import load
 
         # loading may initialise missing weights from the global RNG; keep the seeded stream of the run intact
         with torch.random.fork_rng(devices=[]):
@@ -345,7 +345,7 @@ def build_distiller(config: DistillConfig | Mapping[str, Any] | None, student: n
         raise ValueError("DistillConfig.teacher is None: pass the dense model or its checkpoint folder, e.g. "
                          "DistillConfig(teacher='out/dense').")
     base_cfg = getattr(_base(student), "config", None)
-    if train_data.task_of(student) == "classification" and (
+    if task_of(student) == "classification" and (
             getattr(base_cfg, "problem_type", None) == "regression" or getattr(base_cfg, "num_labels", 2) == 1):
         raise ValueError("distillation matches class distributions, but the model has a single-output (regression) "
                          "head; fine-tune it without distill.")

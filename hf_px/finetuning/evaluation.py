@@ -21,7 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .train_data import align_labels, make_collate, prepare_dataset, task_of
+from ..config import FinetuneConfig
+from .accelerator import make_accelerator
+from .data import align_labels, make_collate, prepare_dataset, task_of
+from .metrics import load_metric
 
 
 def evaluate(
@@ -40,11 +43,9 @@ def evaluate(
     Raw text is tokenized with ``tokenizer``; with several processes the data are sharded and the results
     gathered (every process gets the same numbers).
     """
-    from .train import FinetuneConfig, _make_accelerator
-
     config = FinetuneConfig(batch_size=batch_size, max_length=max_length, text_column=text_column,
                             label_column=label_column, progress_bar=False, metrics=metrics)
-    accelerator = accelerator or _make_accelerator(config)
+    accelerator = accelerator or make_accelerator(config)
     task = task_of(model)
     names = tuple(metrics) if metrics else (("perplexity",) if task == "causal_lm" else ("accuracy",))
     if task != "causal_lm":  # string labels take the ids the model's id2label gives them
@@ -59,8 +60,6 @@ def evaluate(
 
 
 def load_metrics(names: tuple[str, ...], accelerator: Any) -> dict[str, Any]:
-    from .metrics import load_metric
-
     out = {}
     with accelerator.main_process_first():  # the first load copies the script into the modules cache
         for name in names:

@@ -7,8 +7,8 @@ exactly the prunable matrices of the architecture registry, and each adapted lay
 
 Example:
     >>> from transformers import BertConfig, BertForSequenceClassification
-    >>> from hf_px.masks import masks_from_model
-    >>> from hf_px.lora import apply_lora, merge_lora
+    >>> from hf_px.pruning.masks import masks_from_model
+    >>> from hf_px.finetuning.lora import apply_lora, merge_lora
     >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
     ...     num_attention_heads=2, intermediate_size=64, vocab_size=100))
     >>> peft_model = apply_lora(model, masks_from_model(model), r=4)
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .targets import collect_targets
+from ..pruning.targets import collect_targets
 
 _MASK_ATTR = "_hf_px_delta_mask"
 
@@ -99,7 +99,7 @@ def apply_lora(
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    from .masks import masks_from_model
+    from ..pruning.masks import masks_from_model
 
     if r < 1:
         raise ValueError(f"LoRA rank r must be >= 1, got {r}.")
@@ -115,7 +115,7 @@ def apply_lora(
     for name in target_modules:
         if name not in modules:
             raise ValueError(f"LoRA target module {name!r} is not in the model; pass names from "
-                             "hf_px.lora.lora_target_modules(model).")
+                             "hf_px.finetuning.lora.lora_target_modules(model).")
         wname = f"{name}.weight"
         mask = masks.get(wname)
         if mask is None:

@@ -1,0 +1,50 @@
+"""The Accelerate ``Accelerator`` that fine-tuning and evaluation run under: device, mixed precision, logging."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..config import FinetuneConfig
+
+
+def _mixed_precision(requested: str | None) -> str | None:
+    cuda = torch.cuda.is_available()
+    if requested is None:
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            return None  # set by `accelerate launch` / its config file
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if requested == "fp16" and not cuda:
+        raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU.")
+    return requested
+
+
+def has_device() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+
+
+def make_accelerator(config: FinetuneConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
+
+    log_with = []
+    if "tensorboard" in config.log_with and config.output_dir:
+        if is_tensorboard_available():
+            log_with.append("tensorboard")
+        else:
+            warnings.warn("log_with includes 'tensorboard' but tensorboard is not installed "
+                          "(pip install tensorboard); logging to JSON lines only.", stacklevel=3)
+    return Accelerator(
+        cpu=not has_device(),  # CPU processes need this to form a gloo group (docs/offline.md §5)
+        mixed_precision=_mixed_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        log_with=log_with or None,
+        project_dir=config.output_dir,
+    )
