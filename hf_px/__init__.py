@@ -26,11 +26,17 @@ __all__ = [
     "DistillConfig",
     "FinetuneConfig",
     "FinetuneOutput",
+    "GraspOptions",
+    "HfPxError",
+    "NTKDiagOptions",
     "PCNConfig",
     "PCNReport",
+    "PXOptions",
     "PruneConfig",
     "PruneResult",
     "RunConfig",
+    "SynflowOptions",
+    "WandaOptions",
     "apply_lora",
     "apply_masks",
     "apply_pcn",
@@ -61,6 +67,7 @@ _SOURCES = {
     "PruneConfig": "config",
     "FinetuneConfig": "config",
     "load_model": "modeling",
+    "HfPxError": "errors",
     "register_architecture": "registry",
     "supported_architectures": "registry",
     "calibration_batches": "data",
@@ -72,6 +79,11 @@ _SOURCES = {
     "sparsity_report": "pruning.report",
     "available_methods": "pruning.scoring",
     "register_scorer": "pruning.scoring",
+    "PXOptions": "pruning.scoring",
+    "NTKDiagOptions": "pruning.scoring",
+    "WandaOptions": "pruning.scoring",
+    "GraspOptions": "pruning.scoring",
+    "SynflowOptions": "pruning.scoring",
     "PCNConfig": "pcn",
     "PCNReport": "pcn",
     "apply_pcn": "pcn",
@@ -94,6 +106,7 @@ _SOURCES = {
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports on demand
     from .config import FinetuneConfig, PruneConfig
     from .data import calibration_batches, load_dataset_any
+    from .errors import HfPxError
     from .export.card import build_card
     from .export.hub import push_to_hub
     from .export.serialization import load, save_pretrained
@@ -109,7 +122,15 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
     from .pruning.loop import PruneResult, prune
     from .pruning.masks import apply_masks, masks_from_model
     from .pruning.report import sparsity_report
-    from .pruning.scoring import available_methods, register_scorer
+    from .pruning.scoring import (
+        GraspOptions,
+        NTKDiagOptions,
+        PXOptions,
+        SynflowOptions,
+        WandaOptions,
+        available_methods,
+        register_scorer,
+    )
     from .registry import register_architecture, supported_architectures
 
 

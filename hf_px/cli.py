@@ -1,4 +1,9 @@
-"""The ``hf-px`` command line: one sub-command per job, each defined in ``hf_px.commands.<name>``."""
+"""The ``hf-px`` command line: one sub-command per job, each defined in ``hf_px.commands.<name>``.
+
+An :class:`~hf_px.HfPxError` (bad input) is one line, with the command's flag names for config keys, and exit code
+2; anything else is a bug in hf_px and shows its traceback (exit code 1). ``--debug`` shows the traceback of an
+``HfPxError`` too.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import difflib
 import importlib
 import sys
+import traceback
 
 # Each module exposes ``register(subparsers)``, which adds its parser and sets ``func=run``.
 COMMANDS = [
@@ -23,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune Hugging Face checkpoints for a downstream task with PX (Path eXclusion) saliency, "
         "shrink widths with PCN projections, fine-tune with Accelerate and push to the Hub.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error in the input as well (before the command).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
@@ -52,14 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .commands.flags import translate
+    from .errors import HfPxError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("hf-px: interrupted; nothing was written to the output directory.", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, OSError) as err:
-        print(f"hf-px {args.command}: error: {err}", file=sys.stderr)
+    except HfPxError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"hf-px {args.command}: error: {translate(str(err), getattr(args, 'flags', ()))}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - a bug: its traceback is what a report needs
+        traceback.print_exc()
+        print(f"hf-px {args.command}: internal error (a bug in hf-px; the traceback above locates it).",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

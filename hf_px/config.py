@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import reprlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -47,16 +47,6 @@ class PruneConfig:
         sparsity: fraction of the prunable weights to remove, in [0, 1).
         rounds: number of iterative rounds, 1 to ``MAX_ROUNDS`` (10,000); density follows d_r = d^(r/R) with one
             global threshold.
-        qk_score: how PX ranks the off-path matrices (Q/K, a gated MLP's gate) inside their block:
-            ``ntk_diag`` (Hutchinson estimate of the exact NTK diagonal) or ``magnitude``.
-        a_gate: A-pass gate for smooth activations: ``secant`` (g = φ(z)/z, reproduces the forward pass) or
-            ``bound`` (G = max(|φ(z)/z|, |φ'(z)|), certifies the trace bound).
-        hutchinson_probes: Rademacher probes per batch for the NTK-diagonal scores.
-        b_length: PX on encoders: sequence length of the B pass, which sets how much attention (token-route) paths
-            count against skip and MLP paths. ``None``: the calibration set's mean real length, every token route
-            counted once (docs/px.md §5.5); ``1``: no token-route factor.
-        rescale: divide the residual stream by a fixed constant at every block boundary in the A pass
-            (``None``: hidden_size * max(hidden_size, intermediate_size)); keeps float64 from overflowing.
         min_density_ratio: layer-collapse guard: every prunable matrix keeps at least this fraction of the round's
             density (its best-scored weights). 0 gives pure global-threshold PX; residual branches can then be
             pruned away entirely, because paths can bypass a block through the skip connection.
@@ -67,34 +57,31 @@ class PruneConfig:
             (the PX paper's setting: scores from the pretrained weights on downstream batches), or ``teacher``,
             the dense model after the run's teacher stage fine-tuned it on the task. :func:`hf_px.prune` itself
             prunes whatever model it is given.
+        options: the method's own settings: its options object (``hf_px.PXOptions``, ``NTKDiagOptions``,
+            ``WandaOptions``, ``GraspOptions``, ``SynflowOptions``) or a dict of its fields, e.g. {a_gate: bound}
+            for px or {per_row: false} for wanda; None: the method's defaults. Unknown keys are errors.
 
     Example:
         >>> PruneConfig(method="px", sparsity=0.9, rounds=20).density
         0.09999999999999998
+        >>> PruneConfig(method="wanda", options={"per_row": False}).options
+        WandaOptions(per_row=False)
     """
 
     method: str = "px"
     sparsity: float = 0.9
     rounds: int = 100
-    qk_score: str = "ntk_diag"
-    a_gate: str = "secant"
-    hutchinson_probes: int = 1
-    b_length: int | None = None
-    rescale: float | None = None
     min_density_ratio: float = 0.1
     generic: bool = False
     seed: int = 0
     pcn: Any = None
     source: str = "pretrained"
-    extra: dict[str, Any] = field(default_factory=dict)
+    options: Any = None
 
     def __post_init__(self) -> None:
-        from .pruning.scoring import available_methods
+        from .pruning.scoring import method_options
 
-        if not isinstance(self.method, str) or self.method not in available_methods():
-            raise ValueError(
-                f"unknown pruning method {short_repr(self.method)}; choose one of {', '.join(available_methods())}."
-            )
+        self.options = method_options(self.method, self.options)  # also refuses an unknown method
         if not _finite(self.sparsity) or not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(
                 f"sparsity must be in [0, 1) (the fraction of prunable weights removed), got "
@@ -105,22 +92,8 @@ class PruneConfig:
         if self.rounds > MAX_ROUNDS:
             raise ValueError(f"rounds must be at most {MAX_ROUNDS:,}, got {self.rounds:,}; 100 rounds already track "
                              "the exponential schedule closely.")
-        if self.qk_score not in ("ntk_diag", "magnitude"):
-            raise ValueError(f"qk_score must be 'ntk_diag' or 'magnitude', got {short_repr(self.qk_score)}.")
-        if self.a_gate not in ("secant", "bound"):
-            raise ValueError(f"a_gate must be 'secant' or 'bound', got {short_repr(self.a_gate)}.")
-        if isinstance(self.hutchinson_probes, bool) or not isinstance(self.hutchinson_probes, int) or \
-                not 1 <= self.hutchinson_probes <= 1000:
-            raise ValueError(f"hutchinson_probes must be an integer in [1, 1000], got "
-                             f"{short_repr(self.hutchinson_probes)}.")
-        if self.b_length is not None and (isinstance(self.b_length, bool) or not isinstance(self.b_length, int)
-                                          or self.b_length < 1):
-            raise ValueError(f"b_length must be an integer >= 1 or None (the mean real length), got "
-                             f"{short_repr(self.b_length)}.")
         if not _finite(self.min_density_ratio) or not 0.0 <= self.min_density_ratio <= 1.0:
             raise ValueError(f"min_density_ratio must be in [0, 1], got {short_repr(self.min_density_ratio)}.")
-        if self.rescale is not None and not (_finite(self.rescale) and self.rescale > 0):
-            raise ValueError(f"rescale must be a finite positive constant or None, got {short_repr(self.rescale)}.")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {short_repr(self.source)}.")
 
@@ -146,21 +119,28 @@ class FinetuneConfig:
     Args:
         epochs: passes over the training data.
         max_steps: total optimizer steps; when set it overrides ``epochs`` (the data are cycled as needed).
-        learning_rate, weight_decay: AdamW settings (no decay on biases and norm weights).
-        batch_size: examples per process per micro-batch; ``eval_batch_size`` defaults to it.
+        learning_rate: AdamW's peak learning rate.
+        weight_decay: AdamW's weight decay (none on biases and norm weights).
+        batch_size: examples per process per micro-batch.
+        eval_batch_size: examples per process per evaluation batch (None: batch_size).
         gradient_accumulation_steps: micro-batches per optimizer step.
         warmup_ratio: fraction of the steps with linear warm-up; then linear decay to 0.
         max_grad_norm: gradient clipping (None: off).
         seed: seeds weights of new heads, dropout and the data order (reproducible across resumes).
         mixed_precision: None picks bf16/fp16 on a GPU that supports it, else "no" (a launch config's
             ``mixed_precision`` is respected); "fp16" needs a GPU.
-        eval_every, save_every, log_every: in optimizer steps (None: evaluate at the end only / no checkpoints).
+        eval_every: optimizer steps between evaluations (None: evaluate at the end only).
+        save_every: optimizer steps between checkpoints (None: no checkpoints).
+        log_every: optimizer steps between logged losses.
         save_total_limit: keep only the latest N checkpoints.
         output_dir: where checkpoints (``checkpoints/step_N``), logs (``logs/metrics.jsonl``), the final model
             (``model/``) and ``results.json`` go.
         resume: continue from the latest complete checkpoint in ``output_dir/checkpoints``.
         peft: None (train all weights) or "lora" (adapters on the prunable matrices, masked delta).
-        lora_r, lora_alpha, lora_dropout: LoRA settings; ``merge_lora`` returns the merged plain model.
+        lora_r: rank of the LoRA adapters.
+        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
+        lora_dropout: dropout on the LoRA adapters' input.
+        merge_lora: merge the adapters into the weights and return the plain model (False: keep the adapters).
         metrics: metric names or script paths for ``hf_px.finetuning.metrics.load_metric``; None: accuracy for
             classification, perplexity for causal LMs.
         max_length, text_column, label_column: how raw datasets are tokenized.

@@ -1,8 +1,8 @@
-"""Output-folder rules shared by ``hf-px prune``, ``hf-px finetune`` and ``hf-px run``, checked before any work.
+"""The one output-folder rule of every ``hf-px`` command (all run :func:`hf_px.run`), checked before any work.
 
 hf_px replaces or deletes only what it wrote itself: an output folder must be new, empty, or recognisably an
 hf_px output of the same kind (a marker file), and it may never be, or contain, the input, the file-system
-root, the home folder or the current folder, whatever the flags say. ``folder_lock`` keeps two runs out of one
+root, the home folder or the current folder, whatever the config says. ``folder_lock`` keeps two runs out of one
 folder.
 """
 
@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .errors import HfPxError
+
 LOCK_FILE = ".lock"
 PRUNE_MARKER = "hf_px.json"  # written by hf_px.save_pretrained
 RUN_MARKER = "run.json"  # written by hf_px.run before its first stage
@@ -21,11 +23,15 @@ FINETUNE_MARKERS = ("results.json", "checkpoints")  # written by hf_px.finetune 
 KINDS = ("prune", "finetune", "run")
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(HfPxError, ValueError):
     """An output folder hf_px must not write to; the message is one line that names the fix."""
 
 
-class FolderLockedError(RuntimeError):
+class UnwritableFolderError(HfPxError, PermissionError):
+    """An output folder this process cannot create or write."""
+
+
+class FolderLockedError(HfPxError, RuntimeError):
     """Another process holds the folder's lock."""
 
 
@@ -69,7 +75,7 @@ def _is_or_contains(out: Path, other: Path) -> bool:
 
 
 def protected_reason(out: Path, inputs: Iterable[Path] = ()) -> str | None:
-    """Why writing to ``out`` could destroy something that is not hf_px's, whatever the flags; ``None`` if safe."""
+    """Why writing to ``out`` could destroy something that is not hf_px's, whatever the config says; ``None`` if safe."""
     real = Path(out).expanduser().resolve()
     if real.parent == real:
         return "is the file-system root"
@@ -94,52 +100,54 @@ def holds_finetune_run(folder: Path) -> bool:
     return any((folder / m).exists() for m in FINETUNE_MARKERS)
 
 
-def _content_refusal(out: Path, flag: str, kind: str, overwrite: bool, resume: bool) -> str | None:
+def _content_refusal(out: Path, key: str, kind: str, overwrite: bool, resume: bool) -> str | None:
     if not out.is_dir() or not _entries(out):
         return None
     if kind == "run":
         if (out / RUN_MARKER).exists():
             return None
-        return (f"{flag} {out} is not empty and holds no hf-px run ({RUN_MARKER}); choose an empty or new "
+        return (f"{key} {out} is not empty and holds no hf-px run ({RUN_MARKER}); choose an empty or new "
                 "folder so nothing of yours is overwritten.")
     if kind == "prune":
         if not (out / PRUNE_MARKER).exists():
-            return (f"{flag} {out} is not empty and holds no hf-px checkpoint ({PRUNE_MARKER}); --overwrite "
+            return (f"{key} {out} is not empty and holds no hf-px checkpoint ({PRUNE_MARKER}); output.overwrite "
                     "replaces only hf-px outputs, so choose an empty or new folder.")
         if not overwrite:
-            return (f"{flag} {out} already holds an hf-px checkpoint; pass --overwrite to replace it or choose a "
-                    "new folder.")
+            return (f"{key} {out} already holds an hf-px checkpoint; set output.overwrite: true to replace it or "
+                    "choose a new folder.")
         return None
     if not holds_finetune_run(out):
-        return (f"{flag} {out} is not empty and holds no hf-px fine-tune run ({' or '.join(FINETUNE_MARKERS)}); "
+        return (f"{key} {out} is not empty and holds no hf-px fine-tune run ({' or '.join(FINETUNE_MARKERS)}); "
                 "choose an empty or new folder so nothing of yours is overwritten.")
     if not resume:
-        return f"{flag} {out} already holds a fine-tune run; pass --resume to continue it or choose a new folder."
+        return (f"{key} {out} already holds a fine-tune run; set finetune.resume: true to continue it or choose a "
+                "new folder.")
     return None
 
 
-def check_output_folder(path: str | os.PathLike, *, flag: str, kind: str, inputs: Iterable[Path] = (),
+def check_output_folder(path: str | os.PathLike, *, key: str, kind: str, inputs: Iterable[Path] = (),
                         overwrite: bool = False, resume: bool = False) -> Path:
-    """The absolute output folder, or :class:`OutputFolderError` (``PermissionError`` when it cannot be written).
+    """The absolute output folder, or :class:`OutputFolderError` (:class:`UnwritableFolderError` when it cannot be
+    written); ``key`` is the config key that names the folder, for the messages.
 
-    ``kind`` says what may be re-used: ``prune`` replaces a folder holding ``hf_px.json`` only with
-    ``overwrite``; ``finetune`` continues a folder holding its results or checkpoints only with ``resume``;
+    ``kind`` says what may be re-used: ``prune`` (a saved checkpoint) replaces a folder holding ``hf_px.json`` only
+    with ``overwrite``; ``finetune`` continues a folder holding its results or checkpoints only with ``resume``;
     ``run`` resumes a folder holding ``run.json``. Nothing is created or changed.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}.")
     out = Path(path).expanduser().absolute()
     if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"{flag} {out} is a file; pass a folder path.")
+        raise OutputFolderError(f"{key} {out} is a file; set {key} to a folder path.")
     reason = protected_reason(out, inputs)
     if reason is not None:
-        raise OutputFolderError(f"{flag} {out} {reason}; hf-px never writes there, choose a new sub-folder.")
-    refusal = _content_refusal(out, flag, kind, overwrite, resume)
+        raise OutputFolderError(f"{key} {out} {reason}; hf-px never writes there, choose a new sub-folder.")
+    refusal = _content_refusal(out, key, kind, overwrite, resume)
     if refusal is not None:
         raise OutputFolderError(refusal)
     reason = unwritable_reason(out)
     if reason is not None:
-        raise PermissionError(f"{flag} {out} cannot be written ({reason}); choose a folder you can write to.")
+        raise UnwritableFolderError(f"{key} {out} cannot be written ({reason}); choose a folder you can write to.")
     return out
 
 

@@ -1,8 +1,10 @@
 """Architecture registry: where the blocks, prunable matrices, norms, activations and heads of a model live.
 
-One entry per architecture family, matched by module *type* (never by parameter-name substrings).
-Each entry knows how to reach, from a block module, the Linear/Conv1D layers PX may prune and the
-modules the path surrogate has to intercept. Every other module of the model is kept dense.
+One entry per architecture family, matched by module *type* (never by parameter-name substrings), and the only
+place in hf_px that knows families: each entry reaches, from a block module, the Linear/Conv1D layers every
+method may prune and the modules the PX surrogate has to intercept, and names the task heads, the config field
+of the FFN width and what the model reads. A family added with :func:`register_architecture` therefore works
+for every scoring method and for structured PCN. Every other module of the model is kept dense.
 
 Example:
     >>> from transformers import BertConfig, BertForSequenceClassification
@@ -28,9 +30,21 @@ from transformers.models.roberta import modeling_roberta as _roberta
 from transformers.models.vit import modeling_vit as _vit
 from transformers.pytorch_utils import Conv1D
 
+from .errors import HfPxError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(HfPxError, ValueError):
     """Raised when a model has no registry entry and generic mode was not requested."""
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Whether the weight is stored (in, out): transformers' ``Conv1D`` (GPT-2); Linear stores (out, in)."""
+    return isinstance(module, Conv1D)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear/Conv1D as (out, in), a view."""
+    return module.weight.T if is_transposed(module) else module.weight
 
 
 # Roles of prunable matrices. Q/K (and a gated MLP's gate) are "off-path" for PX: with the attention
@@ -43,8 +57,8 @@ MLP_ROLES = ("ffn_gate", "ffn_in", "ffn_out")
 class LayerRef:
     """One prunable matrix inside a block.
 
-    ``column_slice`` selects a part of a fused weight (GPT-2 ``c_attn`` holds Q|K|V as column thirds of a
-    Conv1D weight of shape (in, 3*out)): a tuple (dim, index, parts) meaning part ``index`` of ``parts``.
+    ``split`` selects a part of a fused weight (GPT-2 ``c_attn`` holds Q|K|V as column thirds of a Conv1D weight
+    of shape (in, 3*out)): a tuple (dim, index, parts) meaning part ``index`` of ``parts`` along ``dim``.
     """
 
     role: str
@@ -61,7 +75,24 @@ class OffPathGroup:
 
 
 @dataclass(frozen=True)
+class HeadRef:
+    """The task head of one model class: the dense layers after the trunk (never pruned; PX replays them raw).
+
+    ``layers`` are (path from the task model, activation after it: "tanh", "relu" or None); ``pooling`` is
+    which positions the head reads: "first" token, "last" non-pad token, "mean" over real tokens or "none"
+    (every position, e.g. a language-model head).
+    """
+
+    model_class: type  # matched with isinstance
+    pooling: str
+    layers: tuple[tuple[str, str | None], ...]
+    task: str = "classification"  # or "causal-lm"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
+    """One architecture family. Paths are dotted attribute paths relative to a block unless noted."""
+
     name: str
     block_types: tuple[type, ...]
     blocks: Callable[[nn.Module], nn.ModuleList]  # base model -> ModuleList of repeated blocks
@@ -74,13 +105,19 @@ class ArchSpec:
     causal: bool = False
     norm_kind: str = "layernorm"  # or "rmsnorm"
     off_path: tuple[OffPathGroup, ...] = field(default_factory=tuple)
-    hidden_size_attr: str = "hidden_size"
+    heads: tuple[HeadRef, ...] = ()  # task classes PX can score (a base model alone needs none)
+    ffn_width_attr: str = "intermediate_size"  # config field PCN rewrites with the new FFN width
+    ffn_bias_attr: str | None = None  # config flag that gives every MLP matrix a bias (PCN's mean compensation)
+    model_types: tuple[str, ...] = ()  # config.model_type values of the family
+    task: str | None = None  # task of a checkpoint whose config names no task class (None: sequence-classification)
+    inputs: str = "input_ids"  # what the model reads: "input_ids" or "pixel_values"
 
     def block_modules(self, base: nn.Module) -> list[nn.Module]:
         return list(self.blocks(base))
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """Resolve a dotted attribute path (structural access, e.g. ``attention.self.query``)."""
     mod = root
     for part in path.split("."):
         mod = getattr(mod, part)
@@ -111,6 +148,10 @@ register_architecture(ArchSpec(
     activation="intermediate.intermediate_act_fn",
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
     off_path=(_QK_FOLLOW_VO,),
+    heads=(HeadRef(_bert.BertForSequenceClassification, "first", (("bert.pooler.dense", "tanh"), ("classifier", None))),
+           HeadRef(_roberta.RobertaForSequenceClassification, "first",
+                   (("classifier.dense", "tanh"), ("classifier.out_proj", None)))),
+    model_types=("bert", "roberta"),
 ))
 
 register_architecture(ArchSpec(
@@ -126,7 +167,10 @@ register_architecture(ArchSpec(
     activation="ffn.activation",
     norms=("sa_layer_norm", "output_layer_norm"),
     off_path=(_QK_FOLLOW_VO,),
-    hidden_size_attr="dim",
+    heads=(HeadRef(_distilbert.DistilBertForSequenceClassification, "first",
+                   (("pre_classifier", "relu"), ("classifier", None))),),
+    ffn_width_attr="hidden_dim",
+    model_types=("distilbert",),
 ))
 
 register_architecture(ArchSpec(
@@ -144,6 +188,10 @@ register_architecture(ArchSpec(
     final_norm="ln_f",
     causal=True,
     off_path=(_QK_FOLLOW_VO,),
+    heads=(HeadRef(_gpt2.GPT2ForSequenceClassification, "last", (("score", None),)),
+           HeadRef(_gpt2.GPT2LMHeadModel, "none", (("lm_head", None),), task="causal-lm")),
+    ffn_width_attr="n_inner",
+    model_types=("gpt2",),
 ))
 
 register_architecture(ArchSpec(
@@ -164,6 +212,10 @@ register_architecture(ArchSpec(
     causal=True,
     norm_kind="rmsnorm",
     off_path=(_QK_FOLLOW_VO, OffPathGroup(roles=("ffn_gate",), follows=("ffn_in", "ffn_out"))),
+    heads=(HeadRef(_llama.LlamaForSequenceClassification, "last", (("score", None),)),
+           HeadRef(_llama.LlamaForCausalLM, "none", (("lm_head", None),), task="causal-lm")),
+    ffn_bias_attr="mlp_bias",
+    model_types=("llama",),
 ))
 
 register_architecture(ArchSpec(
@@ -180,6 +232,10 @@ register_architecture(ArchSpec(
     norms=("layernorm_before", "layernorm_after"),
     final_norm="layernorm",
     off_path=(_QK_FOLLOW_VO,),
+    heads=(HeadRef(_vit.ViTForImageClassification, "first", (("classifier", None),)),),
+    model_types=("vit",),
+    task="image-classification",
+    inputs="pixel_values",
 ))
 
 
@@ -201,6 +257,12 @@ def find_arch(model: nn.Module) -> ArchSpec | None:
     return None
 
 
+def default_task(config: object) -> str | None:
+    """The task a family's checkpoints load for when ``config.architectures`` names none (ViT: image-classification)."""
+    model_type = getattr(config, "model_type", None)
+    return next((s.task for s in ARCHITECTURES.values() if model_type in s.model_types and s.task), None)
+
+
 def get_arch(model: nn.Module) -> ArchSpec:
     """Registry entry for ``model``; raises a clear error listing the supported families."""
     spec = find_arch(model)
@@ -208,46 +270,32 @@ def get_arch(model: nn.Module) -> ArchSpec:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise UnsupportedArchitectureError(
             f"hf_px has no registry entry for model type {model_type!r}. Supported families: "
-            f"{', '.join(supported_architectures())} (BERT covers RoBERTa and MiniLM). Pass generic=True "
-            "(CLI: --generic) to prune every nn.Linear inside the repeated blocks, scored by the exact NTK "
+            f"{', '.join(supported_architectures())} (BERT covers RoBERTa and MiniLM). Set prune.generic: true "
+            "(PruneConfig(generic=True)) to prune every nn.Linear inside the repeated blocks, scored by the exact NTK "
             "diagonal, or register an ArchSpec with hf_px.registry.register_architecture."
         )
     return spec
-
-
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    """Resolve a dotted attribute path (structural access, e.g. ``attention.self.query``)."""
-    return _get(root, path)
 
 
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-# ------------------------------------------------------------------------------------------ task heads
-# The dense layers after the trunk: never pruned, replayed by the PX surrogate (hf_px.pruning.surrogate.run_head).
-
 @dataclass
 class HeadSpec:
-    pooling: str  # "first" token, "last" non-pad token, "mean" over real tokens, or "none" (every position)
+    """A :class:`HeadRef` resolved on one model: the head's modules themselves."""
+
+    pooling: str
     layers: list[tuple[nn.Module, str | None]]  # (Linear, activation after it)
     task: str = "classification"  # or "causal-lm", "features"
 
 
 def head_spec(model: nn.Module) -> HeadSpec | None:
-    """Head layout of a known task class; None when the model class is not known."""
-    if isinstance(model, (_bert.BertForSequenceClassification,)):
-        return HeadSpec("first", [(model.bert.pooler.dense, "tanh"), (model.classifier, None)])
-    if isinstance(model, _roberta.RobertaForSequenceClassification):
-        return HeadSpec("first", [(model.classifier.dense, "tanh"), (model.classifier.out_proj, None)])
-    if isinstance(model, _distilbert.DistilBertForSequenceClassification):
-        return HeadSpec("first", [(model.pre_classifier, "relu"), (model.classifier, None)])
-    if isinstance(model, _vit.ViTForImageClassification):
-        return HeadSpec("first", [(model.classifier, None)])
-    if isinstance(model, (_gpt2.GPT2ForSequenceClassification, _llama.LlamaForSequenceClassification)):
-        return HeadSpec("last", [(model.score, None)])
-    if isinstance(model, (_gpt2.GPT2LMHeadModel, _llama.LlamaForCausalLM)):
-        return HeadSpec("none", [(model.lm_head, None)], task="causal-lm")
+    """The head of ``model`` from its family's ``heads``; a bare trunk is mean-pooled features; else None."""
+    spec = find_arch(model)
+    for ref in spec.heads if spec is not None else ():
+        if isinstance(model, ref.model_class):
+            return HeadSpec(ref.pooling, [(get_module(model, path), act) for path, act in ref.layers], ref.task)
     if model is getattr(model, "base_model", None):
         return HeadSpec("mean", [], task="features")
     return None

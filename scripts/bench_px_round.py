@@ -44,8 +44,8 @@ def train_step_time(model, batches, repeats: int) -> float:
 def px_round_time(model, batches, repeats: int, qk_score: str) -> tuple[float, float]:
     targets = collect_targets(model)
     masks = init_masks(targets)
-    config = hf_px.PruneConfig(method="px", sparsity=0.9, rounds=1, qk_score=qk_score)
-    scorer = get_scorer("px")
+    config = hf_px.PruneConfig(method="px", sparsity=0.9, rounds=1, options={"qk_score": qk_score})
+    scorer = get_scorer("px", config.options)
     ctx = ScoringContext(model=model, targets=targets, masks=masks, batches=batches, config=config,
                          generator=torch.Generator().manual_seed(0))
     scorer.prepare(ctx)

@@ -39,17 +39,17 @@ from hf_px.pruning.report import format_table
 
 DATASETS = {"sst2": "/work/shared/data/sst2", "rt": "builtin:rotten_tomatoes", "tweets": "builtin:tweets"}
 EVAL_SPLITS = ("dev", "validation", "test")
-# benchmark-only method names: a method with non-default PruneConfig options
+# benchmark-only method names: a method with non-default options (PruneConfig.options)
 VARIANTS = {
-    "wanda-global": ("wanda", {"extra": {"wanda_per_row": False}}),  # one global ranking, not the paper's per row
+    "wanda-global": ("wanda", {"per_row": False}),  # one global ranking, not the paper's per row
     "px-b1": ("px", {"b_length": 1}),  # PX without the token-route factor of the B pass (docs/px.md §5.5)
 }
 
 
 def prune_config(method: str, **kwargs) -> hf_px.PruneConfig:
     """The PruneConfig of a method name or of a benchmark variant (``VARIANTS``)."""
-    name, options = VARIANTS.get(method, (method, {}))
-    return hf_px.PruneConfig(method=name, **kwargs, **options)
+    name, options = VARIANTS.get(method, (method, None))
+    return hf_px.PruneConfig(method=name, options=options, **kwargs)
 
 
 def load_splits(name: str, train_size: int, eval_size: int | None, config_name: str | None = None):

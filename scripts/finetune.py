@@ -1,4 +1,4 @@
-"""Entry point for ``accelerate launch``: the same options as ``hf-px finetune``.
+"""Entry point for ``accelerate launch``: ``hf-px finetune`` with the same flags.
 
 Examples (configs in scripts/configs/):
     accelerate launch --config_file scripts/configs/accelerate_cpu.yaml scripts/finetune.py --model out/ \
@@ -9,21 +9,13 @@ Examples (configs in scripts/configs/):
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    from hf_px.commands.finetune import add_arguments, run
-
-    parser = add_arguments(argparse.ArgumentParser(prog="scripts/finetune.py", description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    code = main()
+    from hf_px.cli import main
+
+    code = main(["finetune", *sys.argv[1:]])
     # torch's gloo teardown sometimes aborts a finished rank (docs/offline.md §5): leave without running it
     sys.stdout.flush()
     sys.stderr.flush()

@@ -21,7 +21,7 @@ def main() -> None:
     model = tiny("bert")
     batches = tiny_batches(model, n_batches=4)
     shard = batches[rank::world]
-    config = hf_px.PruneConfig(sparsity=0.9, rounds=4, qk_score="magnitude")
+    config = hf_px.PruneConfig(sparsity=0.9, rounds=4, options={"qk_score": "magnitude"})
     result = hf_px.prune(model, shard, config, progress=False)
     if rank == 0:
         torch.save({"world": world, "masks": result.masks}, out)

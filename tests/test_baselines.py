@@ -11,17 +11,18 @@ from torch.func import functional_call, grad, hessian
 
 import hf_px
 from hf_px.pruning.masks import init_masks
-from hf_px.pruning.scoring import ScoringContext, get_scorer
+from hf_px.pruning.scoring import ScoringContext, WandaOptions, get_scorer
 from hf_px.pruning.targets import collect_targets
 
 BASELINES = ["snip", "grasp", "synflow", "wanda"]
+GLOBAL = WandaOptions(per_row=False)  # raw |W|·‖X‖, no per-row ranks
 
 
 
-def _ctx(model: nn.Module, batches: list, **extra) -> ScoringContext:
+def _ctx(model: nn.Module, batches: list) -> ScoringContext:
     targets = collect_targets(model)
     return ScoringContext(model=model, targets=targets, masks=init_masks(targets), batches=batches,
-                          config=hf_px.PruneConfig(method="snip", extra=extra), generator=torch.Generator().manual_seed(0))
+                          config=hf_px.PruneConfig(method="snip"), generator=torch.Generator().manual_seed(0))
 
 
 def _mlp(bias: bool = True, seed: int = 0) -> nn.Module:
@@ -120,7 +121,7 @@ def test_synflow_conservation_and_no_mutation():
 
 def test_wanda_matches_manual_column_norms_on_mlp():
     model, batches = _mlp(), _mlp_batches()
-    scores = get_scorer("wanda").score(_ctx(model, batches, wanda_per_row=False))  # raw |W|·‖X‖
+    scores = get_scorer("wanda", GLOBAL).score(_ctx(model, batches))  # raw |W|·‖X‖
     x = torch.cat([b[0] for b in batches])
     h1 = torch.relu(model[0](x))
     h2 = torch.relu(model[2](h1))
@@ -132,7 +133,7 @@ def test_wanda_matches_manual_column_norms_on_mlp():
 def test_wanda_excludes_padding_and_matches_hidden_states_on_bert():
     model = tiny("bert")
     batches = tiny_batches(model)
-    scores = get_scorer("wanda").score(_ctx(model, batches, wanda_per_row=False))  # raw |W|·‖X‖
+    scores = get_scorer("wanda", GLOBAL).score(_ctx(model, batches))  # raw |W|·‖X‖
     sq = 0
     for b in batches:  # the query layer of block 0 reads hidden_states[0] (the embeddings' output)
         hs = model(**{k: v for k, v in b.items() if k != "labels"}, output_hidden_states=True).hidden_states[0]
@@ -143,14 +144,14 @@ def test_wanda_excludes_padding_and_matches_hidden_states_on_bert():
     # the ids under padding are invisible to the scores
     changed = [dict(b) for b in batches]
     changed[0]["input_ids"] = changed[0]["input_ids"].masked_fill(changed[0]["attention_mask"] == 0, 42)
-    for k, v in get_scorer("wanda").score(_ctx(model, changed, wanda_per_row=False)).items():
+    for k, v in get_scorer("wanda", GLOBAL).score(_ctx(model, changed)).items():
         torch.testing.assert_close(v, scores[k])
 
 
 def test_wanda_gpt2_conv1d_feature_axis_is_the_first():
     model = tiny("gpt2")
-    ctx = _ctx(model, tiny_batches(model), wanda_per_row=False)
-    scores = get_scorer("wanda").score(ctx)
+    ctx = _ctx(model, tiny_batches(model))
+    scores = get_scorer("wanda", GLOBAL).score(ctx)
     for t in ctx.targets:  # Conv1D weight (in, out): S/|W| depends on the row (input feature) only
         ratio = scores[t.key] / t.view(t.param).detach().double().abs()
         torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
@@ -164,7 +165,7 @@ def test_wanda_per_row_gives_each_row_the_target_density():
     rows = torch.cat([m.float().mean(dim=1) for m in result.masks.values()])
     assert (rows - 0.5).abs().max() <= 1 / 32 + 1e-6  # at most one weight per row off (rows of 32 or 64)
     glob = hf_px.prune(tiny("bert"), tiny_batches(tiny("bert")), hf_px.PruneConfig(
-        method="wanda", sparsity=0.5, rounds=1, min_density_ratio=0.0, extra={"wanda_per_row": False}),
+        method="wanda", sparsity=0.5, rounds=1, min_density_ratio=0.0, options={"per_row": False}),
         progress=False)
     rows_glob = torch.cat([m.float().mean(dim=1) for m in glob.masks.values()])
     assert rows_glob.std() > rows.std()  # the global option does not balance rows

@@ -213,9 +213,9 @@ def test_resolve_columns_detection_and_errors():
     assert resolve_columns(ds, label_column="target") == ("content", "target", None)
     # The default label name is optional; another named column must exist.
     assert resolve_columns(ds) == ("content", None, None)
-    with pytest.raises(ValueError, match=r"'nope' not found; available columns: id, content, target.*--text-column"):
+    with pytest.raises(ValueError, match=r"'nope' not found; available columns: id, content, target.*data.text_column"):
         resolve_columns(ds, text_column="nope")
-    with pytest.raises(ValueError, match=r"--label-column"):
+    with pytest.raises(ValueError, match=r"data.label_column"):
         resolve_columns(ds, label_column="y")
     plain = datasets.Dataset.from_dict({"title": ["t"], "n": [3]})
     assert resolve_columns(plain) == ("title", None, None)

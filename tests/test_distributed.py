@@ -36,7 +36,7 @@ def test_two_process_scoring_matches_single_process(tmp_path):
 
     model = tiny("bert")
     single = hf_px.prune(model, tiny_batches(model, n_batches=4),
-                         hf_px.PruneConfig(sparsity=0.9, rounds=4, qk_score="magnitude"), progress=False)
+                         hf_px.PruneConfig(sparsity=0.9, rounds=4, options={"qk_score": "magnitude"}), progress=False)
     assert set(got["masks"]) == set(single.masks)
     for name, mask in single.masks.items():
         assert torch.equal(got["masks"][name], mask), name

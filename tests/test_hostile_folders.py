@@ -76,14 +76,12 @@ def work(tmp_path, ckpt) -> tuple[Path, Path]:
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """A refusal must come before any model is loaded: loading one fails the test."""
-    import hf_px.commands.finetune as ft
     import hf_px.modeling as modeling
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the output folder was checked")
 
     monkeypatch.setattr(modeling, "load_model", boom)
-    monkeypatch.setattr(ft, "load_model", boom)
 
 
 def prune_args(model: Path, data: Path, out: Path | str, *extra: str) -> list[str]:
@@ -176,7 +174,8 @@ def test_finetune_refuses_the_input_folder(work, tmp_path, capsys, no_model_load
 
 
 def test_finetune_reuses_its_own_run_only_with_resume(work, tmp_path, capsys, monkeypatch, no_model_loading):
-    import hf_px.commands.finetune as ft
+    import hf_px.modeling as modeling
+    from hf_px import HfPxError
 
     model, data = work
     out = tmp_path / "ft"
@@ -185,9 +184,9 @@ def test_finetune_reuses_its_own_run_only_with_resume(work, tmp_path, capsys, mo
     refused_cli(finetune_args(model, data, out), "pass --resume to continue it", capsys, tmp_path)
 
     def reached(*args, **kwargs):
-        raise ValueError("reached model loading")
+        raise HfPxError("reached model loading")
 
-    monkeypatch.setattr(ft, "load_model", reached)
+    monkeypatch.setattr(modeling, "load_model", reached)
     assert main(finetune_args(model, data, out, "--resume")) == 2
     assert "reached model loading" in capsys.readouterr().err  # the folder check let it through
 

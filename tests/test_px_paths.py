@@ -127,10 +127,10 @@ def test_ntk_diag_hutchinson_converges_to_exact_diagonal():
     params = {n: p.detach() for n, p in model.named_parameters()}
     jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)  # (n, k, *param)
     exact = {n: (j**2).sum(dim=(0, 1)) * params[n] ** 2 for n, j in jac.items()}
-    cfg = PruneConfig(method="ntk_diag", sparsity=0.5, hutchinson_probes=400)
+    cfg = PruneConfig(method="ntk_diag", sparsity=0.5, options={"hutchinson_probes": 400})
     ctx = ScoringContext(model=model, targets=targets, masks=init_masks(targets), batches=[x], config=cfg,
                          generator=torch.Generator().manual_seed(0))
-    est = NTKDiagScorer().score(ctx)
+    est = NTKDiagScorer(cfg.options).score(ctx)
     for t in targets:
         rel = float((est[t.key] - exact[t.param_name]).norm() / exact[t.param_name].norm())
         assert rel < 0.15

@@ -19,7 +19,6 @@ import yaml
 import hf_px
 from hf_px.pipeline import ConfigError, RunConfig, RunError
 from hf_px.pipeline import run as run_pipeline
-from hf_px.pipeline.config import all_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # the tokenizer comes from the packaged MiniLM
@@ -299,23 +298,6 @@ def test_disk_full_while_saving_leaves_no_half_written_stage(tmp_path, monkeypat
     assert result.stages["calibrate"] == "skipped" and result.stages["save"] == "ran"
 
 
-def test_every_cli_flag_has_a_config_key_and_back():
-    import argparse
-
-    from hf_px.cli import build_parser
-    from hf_px.commands.run import FLAG_KEYS
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    run_flags = {s for a in sub.choices["run"]._actions for s in a.option_strings}
-    assert {f"--{k}" for k in all_keys()} <= run_flags
-    valid = set(all_keys()) | {"--force", "--no-progress", "(automatic: a re-run resumes)"}
-    for command in ("prune", "finetune"):
-        flags = {s for a in sub.choices[command]._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
-        assert flags == set(FLAG_KEYS[command]), command
-        assert set(FLAG_KEYS[command].values()) <= valid
-
-
 def test_cli_flags_override_the_file_and_check_writes_nothing(tmp_path, capsys):
     from hf_px.cli import main
 
@@ -342,8 +324,8 @@ def test_unknown_keys_name_the_closest_valid_one():
         RunConfig.from_dict({"model": {"name_or_path": "x"}, "prune": {"sparsty": 0.8}})
     with pytest.raises(ConfigError, match="unknown section 'finetuning'. Did you mean 'finetune'"):
         RunConfig.from_dict({"model": {"name_or_path": "x"}, "finetuning": {}})
-    with pytest.raises(ConfigError, match="finetune.output_dir is set by the pipeline"):
-        RunConfig.from_dict({"model": {"name_or_path": "x"}, "finetune": {"output_dir": "y"}})
+    with pytest.raises(ConfigError, match="finetune.metrics is set by the pipeline from evaluate.metrics"):
+        RunConfig.from_dict({"model": {"name_or_path": "x"}, "finetune": {"metrics": ["f1"]}})
     with pytest.raises(ConfigError, match="finetune.max_length is set by the pipeline from data.max_length"):
         RunConfig.from_dict({"model": {"name_or_path": "x"}, "finetune": {"max_length": 64}})
 

@@ -65,8 +65,8 @@ def test_rescale_leaves_masks_unchanged():
     masks = []
     for rescale in (1.0, 37.0, None):
         model = tiny("bert")
-        res = hf_px.prune(model, tiny_batches(model), hf_px.PruneConfig(sparsity=0.8, rounds=3, rescale=rescale,
-                                                                        qk_score="magnitude"), progress=False)
+        res = hf_px.prune(model, tiny_batches(model), hf_px.PruneConfig(sparsity=0.8, rounds=3, options={
+            "rescale": rescale, "qk_score": "magnitude"}), progress=False)
         masks.append(res.masks)
     for other in masks[1:]:
         for name in masks[0]:
@@ -118,4 +118,4 @@ def test_b_length_sets_the_weight_of_attention_paths():
 
 def test_b_length_is_validated():
     with pytest.raises(ValueError, match="b_length"):
-        hf_px.PruneConfig(b_length=0)
+        hf_px.PruneConfig(options={"b_length": 0})

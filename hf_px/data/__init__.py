@@ -27,6 +27,7 @@ import datasets
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .files import load_checked
 from .labels import is_string_feature as _is_string
 from .labels import prepare_labels as _prepare_labels
@@ -182,20 +183,20 @@ def resolve_columns(ds: datasets.Dataset, text_column: str | None = None, label_
     """
     cols, feats = list(ds.column_names), ds.features
 
-    def check(col: str, flag: str, kind: str) -> str:
+    def check(col: str, kind: str) -> str:
         if col not in cols:
-            raise ValueError(f"{kind} column {col!r} not found; available columns: {', '.join(cols)}. "
-                             f"Choose one with {flag} <column>")
+            raise DataError(f"{kind} column {col!r} not found; available columns: {', '.join(cols)}. "
+                            f"Choose one with data.{kind}_column")
         return col
 
     if image_column is not None:
-        image = check(image_column, "--image-column", "image")
+        image = check(image_column, "image")
     else:
         image = next((c for c in cols if isinstance(feats[c], datasets.Image)), None)
         image = image or next((c for c in _IMAGE_NAMES if c in cols), None)
 
     if label_column is not None and (label_column in cols or label_column != "label"):
-        label = check(label_column, "--label-column", "label")
+        label = check(label_column, "label")
     elif label_column is None:
         label = None
     else:
@@ -203,7 +204,7 @@ def resolve_columns(ds: datasets.Dataset, text_column: str | None = None, label_
         label = label or next((c for c in cols if isinstance(feats[c], datasets.ClassLabel)), None)
 
     if text_column is not None:
-        text = check(text_column, "--text-column", "text")
+        text = check(text_column, "text")
     else:
         strings = [c for c in cols if c not in (label, image) and _is_string(feats[c])]
         text = next((c for c in _TEXT_NAMES if c in strings), None) or (strings[0] if strings else None)
@@ -218,8 +219,8 @@ def empty_text_rows(ds: datasets.Dataset, column: str) -> list[int]:
 def check_text_rows(ds: datasets.Dataset, column: str, split: str, fix: str = "remove them from the data") -> None:
     """Refuse a split with missing or blank text (the one check behind prune, finetune and run)."""
     if empty := empty_text_rows(ds, column):
-        raise ValueError(f"{len(empty)} rows of the {split} split have empty {column!r} (first: row {empty[0]}); "
-                         f"{fix}.")
+        raise DataError(f"{len(empty)} rows of the {split} split have empty {column!r} (first: row {empty[0]}); "
+                        f"{fix}.")
 
 
 def _as_dataset(dataset: datasets.Dataset | datasets.DatasetDict) -> datasets.Dataset:
@@ -270,8 +271,8 @@ def _modality(ds: datasets.Dataset, processor: Any, text_column: str | None, lab
     if image is not None and (text_column is None or image_column is not None) and not is_tokenizer:
         return None, label, image
     if text is None:
-        raise ValueError(f"no text or image column found; available columns: {', '.join(ds.column_names)}. "
-                         f"Choose one with --text-column <column>")
+        raise DataError(f"no text or image column found; available columns: {', '.join(ds.column_names)}. "
+                        "Choose one with data.text_column")
     return text, label, None
 
 
@@ -378,8 +379,8 @@ def calibration_batches(dataset: datasets.Dataset | datasets.DatasetDict, proces
     else:
         if num_batches is None:
             why = "per_class is None" if per_class is None else "the data have no label column"
-            raise ValueError(f"cannot size the calibration set: {why} and num_batches is None. Pass num_batches "
-                             f"(unlabelled sampling) or per_class with a --label-column")
+            raise DataError(f"cannot size the calibration set: {why} and num_batches is None. Set "
+                            "data.num_batches (unlabelled sampling) or data.per_class with a data.label_column")
         indices = rng.permutation(len(ds))[: num_batches * batch_size]
     if len(indices) == 0:
         raise ValueError(f"empty calibration set: the dataset has {len(ds)} rows and the sampling selected none "

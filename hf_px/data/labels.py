@@ -24,6 +24,8 @@ from typing import Any
 
 import datasets
 
+from ..errors import DataError
+
 _DEFAULT_NAME = re.compile(r"LABEL_\d+")
 
 
@@ -47,9 +49,9 @@ def _kind(feature: Any, column: str, split: str) -> str:
         return "named"
     if isinstance(feature, datasets.Value) and (feature.dtype.startswith(("int", "uint")) or feature.dtype == "bool"):
         return "int"
-    raise ValueError(f"labels must be integer class ids: column {column!r} of the {split} split holds {feature} "
-                     f"values, which are not integer class ids; convert it to integers 0..K-1 (or class-name "
-                     f"strings), or choose another --label-column")
+    raise DataError(f"labels must be integer class ids: column {column!r} of the {split} split holds {feature} "
+                    f"values, which are not integer class ids; convert it to integers 0..K-1 (or class-name "
+                    f"strings), or choose another data.label_column")
 
 
 def _missing(value: Any, feature: Any) -> bool:
@@ -66,8 +68,8 @@ def _values(ds: datasets.Dataset, column: str, split: str) -> list[Any]:
     raw = list(ds[column])
     missing = [i for i, v in enumerate(raw) if _missing(v, feature)]
     if missing:
-        raise ValueError(f"{len(missing)} rows of the {split} split have no label in column {column!r} (first: row "
-                         f"{missing[0]}); remove those rows or fill in their labels")
+        raise DataError(f"{len(missing)} rows of the {split} split have no label in column {column!r} (first: row "
+                        f"{missing[0]}); remove those rows or fill in their labels")
     if isinstance(feature, datasets.ClassLabel):
         return [feature.int2str(int(v)) for v in raw]
     return raw if is_string_feature(feature) else [int(v) for v in raw]
@@ -91,17 +93,14 @@ def checkpoint_label_names(config: Any) -> list[str] | None:
 
 def trained_head(config: Any) -> int | None:
     """The label count of a checkpoint's trained classification head (from ``architectures``), or None."""
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in archs):
-        return int(config.num_labels)
-    return None
+    from ..modeling import CLASSIFICATION_TASKS, task_of
+
+    return int(config.num_labels) if config is not None and task_of(config) in CLASSIFICATION_TASKS else None
 
 
 def _setting(setting: str, k: int) -> tuple[str, str, str]:
-    """(what holds the limit, how to set it to ``k``, how to go back to the data's count) for a CLI flag, a
-    run-config key or the Python API (``num_labels``: the model's head size)."""
-    if setting.startswith("--"):
-        return setting, f"set {setting} {k}", " (or drop it to use the data's count)"
+    """(what holds the limit, how to set it to ``k``, how to go back to the data's count) for a run-config key or
+    the Python API (``num_labels``: the model's head size)."""
     if "." in setting:
         return setting, f"set {setting}: {k}", " (or remove it to use the data's count)"
     return "the model's num_labels", f"load the model with num_labels={k}", ""
@@ -109,7 +108,7 @@ def _setting(setting: str, k: int) -> tuple[str, str, str]:
 
 def infer_num_labels(train: datasets.Dataset, column: str, evals: datasets.Dataset | None = None, *,
                      num_labels: int | None = None, head_labels: int | None = None,
-                     names: list[str] | None = None, min_classes: int = 1, setting: str = "--num-labels",
+                     names: list[str] | None = None, min_classes: int = 1, setting: str = "model.num_labels",
                      train_split: str = "train", eval_split: str = "eval") -> Labels:
     """The number of labels the data need, after checking that every label of every split fits one map.
 
@@ -120,8 +119,8 @@ def infer_num_labels(train: datasets.Dataset, column: str, evals: datasets.Datas
         names: the checkpoint's class names (``checkpoint_label_names``); their order wins when they cover the
             classes of ``train``, so a trained head keeps the meaning of its outputs.
         min_classes: refuse a training split with fewer distinct classes (2 when a classifier is trained).
-        setting: where ``num_labels`` comes from, for the fix in messages: ``--num-labels``, ``model.num_labels``
-            or ``num_labels`` (the Python API: the model's head size).
+        setting: where ``num_labels`` comes from, for the fix in messages: ``model.num_labels`` or
+            ``num_labels`` (the Python API: the model's head size).
 
     Raises:
         ValueError: one line naming the offending labels, the split and the fix.
@@ -132,11 +131,11 @@ def infer_num_labels(train: datasets.Dataset, column: str, evals: datasets.Datas
     values = _values(train, column, train_split)
     distinct = set(values)
     if not values:
-        raise ValueError(f"the {train_split} split is empty, so it defines no classes; use a split with examples")
+        raise DataError(f"the {train_split} split is empty, so it defines no classes; use a split with examples")
     if len(distinct) < min_classes:
-        raise ValueError(f"label column {column!r} of the {train_split} split holds a single class "
-                         f"({next(iter(distinct))!r}); a "
-                         f"classifier cannot learn from it: fix the data or choose another --label-column")
+        raise DataError(f"label column {column!r} of the {train_split} split holds a single class "
+                        f"({next(iter(distinct))!r}); a "
+                        f"classifier cannot learn from it: fix the data or choose another data.label_column")
     known: list[str] | None = None
     if kind == "named":
         known = list(feature.names) if isinstance(feature, datasets.ClassLabel) else sorted(distinct)
@@ -145,22 +144,22 @@ def infer_num_labels(train: datasets.Dataset, column: str, evals: datasets.Datas
         needed = len(known)
     else:
         if min(distinct, default=0) < 0:
-            raise ValueError(f"label column {column!r} of the {train_split} split has negative values "
-                             f"({min(distinct)}); labels must be class ids 0..K-1: remap them (e.g. -1 -> 0)")
+            raise DataError(f"label column {column!r} of the {train_split} split has negative values "
+                            f"({min(distinct)}); labels must be class ids 0..K-1: remap them (e.g. -1 -> 0)")
         needed = max(distinct, default=-1) + 1
         absent = sorted(set(range(needed)) - distinct)
         if absent and num_labels is None and (head_labels is None or needed > head_labels):
             ids = f"0..{len(distinct) - 1}" if len(distinct) > 1 else "0"
-            raise ValueError(f"the labels of the {train_split} split are {_brief(sorted(distinct))}, not the class "
-                             f"ids 0..{needed - 1} (no example of {_brief(absent)}); remap them to contiguous ids "
-                             f"{ids}, or {_setting(setting, needed)[1]} if those classes exist")
+            raise DataError(f"the labels of the {train_split} split are {_brief(sorted(distinct))}, not the class "
+                            f"ids 0..{needed - 1} (no example of {_brief(absent)}); remap them to contiguous ids "
+                            f"{ids}, or {_setting(setting, needed)[1]} if those classes exist")
     what, fix, back = _setting(setting, needed)
     if num_labels is not None and needed > num_labels:
-        raise ValueError(f"{what} is {num_labels} but the labels of the {train_split} split need {needed} "
-                         f"classes; {fix}{back}")
+        raise DataError(f"{what} is {num_labels} but the labels of the {train_split} split need {needed} "
+                        f"classes; {fix}{back}")
     if num_labels is None and head_labels is not None and needed > head_labels:
-        raise ValueError(f"the checkpoint's classification head has {head_labels} labels but the data have "
-                         f"{needed}; {fix} to replace the head with a new one")
+        raise DataError(f"the checkpoint's classification head has {head_labels} labels but the data have "
+                        f"{needed}; {fix} to replace the head with a new one")
     total = num_labels or (max(needed, head_labels) if head_labels else needed)  # a trained head keeps its size
     if evals is not None:
         _check_eval(evals, column, kind, known, total, setting, train_split, eval_split)
@@ -177,26 +176,26 @@ def _check_eval(evals: datasets.Dataset, column: str, kind: str, known: list[str
                 setting: str, train_split: str, eval_split: str) -> None:
     where = f"the {eval_split} split"
     if column not in evals.column_names:
-        raise ValueError(f"{where} has no label column {column!r} (columns: {', '.join(evals.column_names)}); "
-                         f"label it like the {train_split} split or choose another evaluation split")
+        raise DataError(f"{where} has no label column {column!r} (columns: {', '.join(evals.column_names)}); "
+                        f"label it like the {train_split} split or choose another evaluation split")
     _float_kind(evals, column, eval_split)
     if _kind(evals.features[column], column, eval_split) != kind:
-        raise ValueError(f"the labels of {where} are {'class names' if kind == 'int' else 'integer ids'} but those "
-                         f"of the {train_split} split are {'class names' if kind == 'named' else 'integer ids'}; "
-                         f"use one kind of label in every split")
+        raise DataError(f"the labels of {where} are {'class names' if kind == 'int' else 'integer ids'} but those "
+                        f"of the {train_split} split are {'class names' if kind == 'named' else 'integer ids'}; "
+                        f"use one kind of label in every split")
     seen = set(_values(evals, column, eval_split))
     if known is not None:
         unknown = sorted(seen - set(known))
         if unknown:
-            raise ValueError(f"label {unknown[0]!r} of {where} never occurs in the {train_split} split (its classes: "
-                             f"{', '.join(known)}), so no output of the model can predict it; add {unknown[0]!r} "
-                             f"examples to the {train_split} split or remove those rows from {where}")
+            raise DataError(f"label {unknown[0]!r} of {where} never occurs in the {train_split} split (its classes: "
+                            f"{', '.join(known)}), so no output of the model can predict it; add {unknown[0]!r} "
+                            f"examples to the {train_split} split or remove those rows from {where}")
         return
     outside = sorted(v for v in seen if not 0 <= v < total)
     if outside:
-        raise ValueError(f"label {outside[0]} of {where} is outside the class ids 0..{total - 1} of the "
-                         f"{train_split} split, so no output of the model can predict it; remove or relabel those "
-                         f"rows, or {_setting(setting, max(outside) + 1)[1]} if the class exists")
+        raise DataError(f"label {outside[0]} of {where} is outside the class ids 0..{total - 1} of the "
+                        f"{train_split} split, so no output of the model can predict it; remove or relabel those "
+                        f"rows, or {_setting(setting, max(outside) + 1)[1]} if the class exists")
 
 
 def encode_labels(ds: datasets.Dataset, labels: Labels) -> datasets.Dataset:
@@ -242,8 +241,8 @@ def prepare_labels(ds: datasets.Dataset, column: str | None) -> datasets.Dataset
     kind = _kind(ds.features[column], column, "given")
     values = _values(ds, column, "given")
     if kind == "int" and values and min(values) < 0:
-        raise ValueError(f"label column {column!r} has negative values ({min(values)}); labels must be class ids "
-                         f"0..K-1: remap them (e.g. -1 -> 0)")
+        raise DataError(f"label column {column!r} has negative values ({min(values)}); labels must be class ids "
+                        f"0..K-1: remap them (e.g. -1 -> 0)")
     if len(ds) and len(set(values)) == 1:
         warnings.warn(f"label column {column!r} holds a single class; fine for calibration, useless for training",
                       UserWarning, stacklevel=3)

@@ -18,16 +18,6 @@ DEFAULT_TEMPLATE = pathlib.Path(__file__).resolve().parents[2] / "model_cards" /
 TAGS = ["pruned", "sparse", "px", "pcn", "hf-px"]
 REPO_PLACEHOLDER = "path/or/repo-id"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# the stock class that reloads a dense checkpoint, by pipeline tag
-AUTO_CLASS = {
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "fill-mask": "AutoModelForMaskedLM",
-    "text-generation": "AutoModelForCausalLM",
-    "image-classification": "AutoModelForImageClassification",
-    "multiple-choice": "AutoModelForMultipleChoice",
-}
 FORMAT_NOTES = {
     "dense": "standard `model.safetensors` with the pruned weights stored as zeros; stock "
     "`transformers` loads it, `hf-px` is not needed.",
@@ -68,19 +58,13 @@ def _flat_metrics(metrics: dict | None, prefix: str = "") -> list[tuple[str, Any
     return out
 
 
-# class-name suffix -> pipeline tag, for cards built without an explicit tag
-_TAG_BY_CLASS = {
-    "ForSequenceClassification": "text-classification", "ForTokenClassification": "token-classification",
-    "ForQuestionAnswering": "question-answering", "ForMaskedLM": "fill-mask", "ForCausalLM": "text-generation",
-    "LMHeadModel": "text-generation", "ForImageClassification": "image-classification",
-    "ForMultipleChoice": "multiple-choice",
-}
-
-
 def pipeline_tag_for(model: Any) -> str | None:
-    """Guess the pipeline tag from the model (or its class name): ``BertForSequenceClassification`` -> text-classification."""
-    name = model if isinstance(model, str) else type(model).__name__
-    return next((tag for suffix, tag in _TAG_BY_CLASS.items() if name.endswith(suffix)), None)
+    """The Hub pipeline tag of a model or transformers config (its :class:`~hf_px.modeling.Task`); None for a
+    head hf_px does not train."""
+    from ..modeling import Task, task_of
+
+    task = task_of(model)
+    return None if task is Task.FEATURES else task.pipeline_tag
 
 
 def base_model_license(base_model: str | None) -> str | None:
@@ -115,7 +99,10 @@ def load_snippet(format: str, repo_id: str | None, pipeline_tag: str | None) -> 
     repo = repo_id or REPO_PLACEHOLDER
     if format == "sparse":
         return f'import hf_px  # pip install hf-px\n\nmodel = hf_px.load("{repo}")'
-    cls = AUTO_CLASS.get(pipeline_tag or "", "AutoModel")
+    from ..modeling import Task
+
+    # the stock class that reloads a dense checkpoint: its task's
+    cls = next((t.auto_class.__name__ for t in Task if t.pipeline_tag == pipeline_tag), "AutoModel")
     return f'from transformers import {cls}\n\nmodel = {cls}.from_pretrained("{repo}")'
 
 

@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import HfPxError
+
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors refuses larger headers too, so nothing valid is rejected
 # bytes per element; dtypes missing here (sub-byte floats) skip the size check but keep the offset checks
@@ -20,7 +22,7 @@ DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0
                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8, "I64": 8, "U64": 8, "F64": 8}
 
 
-class CheckpointFileError(ValueError):
+class CheckpointFileError(HfPxError, ValueError):
     """A checkpoint file that is truncated, corrupt, or names a path outside its folder."""
 
 

@@ -21,6 +21,8 @@ import httpx2
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+from ..errors import ConfigError, HfPxError
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_COMMIT_MESSAGE = "Upload pruned model with hf-px"
@@ -32,7 +34,7 @@ _REPO_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
 REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
 
 
-class HubPushError(RuntimeError):
+class HubPushError(HfPxError, RuntimeError):
     """A push that cannot succeed as asked: bad token, unreachable endpoint, or repeated server errors."""
 
 
@@ -40,14 +42,14 @@ def check_repo_id(repo_id: str | None, where: str) -> None:
     """Refuse anything but ``namespace/name`` before any work is done; ``where`` names the flag or config key.
 
     Example:
-        >>> check_repo_id("user/minilm-px90", "--hub-model-id")
+        >>> check_repo_id("user/minilm-px90", "push.hub_model_id")
     """
     text = repo_id if isinstance(repo_id, str) else ""
     if REPO_ID.match(text) and ".." not in text and "--" not in text:
         return
     shown = repr(repo_id) if len(repr(repo_id)) <= 80 else repr(repo_id)[:77] + "..."
-    raise ValueError(f"{where} {shown} is not a Hub repo id of the form namespace/name (letters, digits, '-', '_', "
-                     f"'.', no '..' or '--'); e.g. {where} user/minilm-px90.")
+    raise ConfigError(f"{where} {shown} is not a Hub repo id of the form namespace/name (letters, digits, '-', '_', "
+                     f"'.', no '..' or '--'); e.g. {where}: user/minilm-px90.")
 
 
 def _status(err: BaseException) -> int | None:

@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from ..config import FinetuneConfig
+from ..errors import ConfigError
 
 
 def _mixed_precision(requested: str | None) -> str | None:
@@ -19,7 +20,7 @@ def _mixed_precision(requested: str | None) -> str | None:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "no"
     if requested == "fp16" and not cuda:
-        raise ValueError("mixed_precision='fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU.")
+        raise ConfigError("finetune.mixed_precision fp16 needs a CUDA GPU; set it to bf16 or no on a CPU.")
     return requested
 
 

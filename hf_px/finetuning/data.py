@@ -1,4 +1,4 @@
-"""Fine-tuning data: the task of a model, tokenized datasets and the padding collator."""
+"""Fine-tuning data: tokenized datasets and the padding collator."""
 
 from __future__ import annotations
 
@@ -8,18 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modeling import CLASSIFICATION_TASKS, Task, task_of
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "labels")
 
 
-def task_of(model: nn.Module) -> str:
-    """``causal_lm`` for next-token models, else ``classification`` (sequence, token or image labels)."""
-    name = type(getattr(model, "get_base_model", lambda: model)()).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal_lm"
-    return "classification"
-
-
-def prepare_dataset(dataset: Any, tokenizer: Any, config: Any, task: str, role: str) -> Any:
+def prepare_dataset(dataset: Any, tokenizer: Any, config: Any, task: Task, role: str) -> Any:
     """A dataset of model inputs: already-tokenized data are trimmed to the model columns, raw text is encoded."""
     import datasets
 
@@ -45,15 +39,15 @@ def prepare_dataset(dataset: Any, tokenizer: Any, config: Any, task: str, role: 
                          "tokenize it first (input_ids, attention_mask, labels).")
     from ..data import encode_dataset
 
-    label_column = None if task == "causal_lm" else config.label_column
+    label_column = None if task is Task.CAUSAL_LM else config.label_column
     return encode_dataset(dataset, tokenizer, text_column=config.text_column, label_column=label_column,
                           max_length=config.max_length)
 
 
-def prepare_datasets(train_dataset: Any, eval_dataset: Any, tokenizer: Any, config: Any, task: str,
+def prepare_datasets(train_dataset: Any, eval_dataset: Any, tokenizer: Any, config: Any, task: Task,
                      model: nn.Module) -> tuple[Any, Any]:
     """Both splits as model inputs, their labels encoded with one map (see ``align_labels``)."""
-    if task != "causal_lm":
+    if task is not Task.CAUSAL_LM:
         train_dataset, eval_dataset = align_labels(train_dataset, eval_dataset, config.label_column, model)
     train = prepare_dataset(train_dataset, tokenizer, config, task, "train")
     evals = prepare_dataset(eval_dataset, tokenizer, config, task, "eval") if eval_dataset is not None else None
@@ -80,9 +74,8 @@ def align_labels(reference: Any, evals: Any, label_column: str, model: nn.Module
     column = scalar_labels(reference)
     if column is None:
         return reference, evals
-    base = getattr(model, "get_base_model", lambda: model)()
-    config = getattr(base, "config", None)
-    head = type(base).__name__.endswith(("ForSequenceClassification", "ForImageClassification"))
+    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+    head = task_of(model) in CLASSIFICATION_TASKS
     labels = infer_num_labels(reference, column, evals if scalar_labels(evals) == column else None,
                               num_labels=config.num_labels if head else None,
                               names=checkpoint_label_names(config) if head else None, setting="num_labels")
@@ -114,11 +107,11 @@ def _collate(examples: list[dict], pad_token_id: int, causal: bool) -> dict[str,
     return batch
 
 
-def make_collate(tokenizer: Any, model: nn.Module, task: str):
+def make_collate(tokenizer: Any, model: nn.Module, task: Task):
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    return functools.partial(_collate, pad_token_id=int(pad), causal=task == "causal_lm")
+    return functools.partial(_collate, pad_token_id=int(pad), causal=task is Task.CAUSAL_LM)
 
 
 EXAMPLE_ID = "example_id"  # not a model input: consumers pop it before the forward pass

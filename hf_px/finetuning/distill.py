@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import EXAMPLE_ID, task_of, with_example_ids
+from ..modeling import Task, task_of
+from .data import EXAMPLE_ID, with_example_ids
 
 HIDDEN_LOSSES = ("mse", "cosine")
 _CACHE_WARN_BYTES = 4 * 2**30
@@ -345,7 +346,7 @@ def build_distiller(config: DistillConfig | Mapping[str, Any] | None, student: n
         raise ValueError("DistillConfig.teacher is None: pass the dense model or its checkpoint folder, e.g. "
                          "DistillConfig(teacher='out/dense').")
     base_cfg = getattr(_base(student), "config", None)
-    if task_of(student) == "classification" and (
+    if task_of(student) is not Task.CAUSAL_LM and (
             getattr(base_cfg, "problem_type", None) == "regression" or getattr(base_cfg, "num_labels", 2) == 1):
         raise ValueError("distillation matches class distributions, but the model has a single-output (regression) "
                          "head; fine-tune it without distill.")

@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from ..config import FinetuneConfig
+from ..errors import ConfigError
+from ..modeling import Task, task_of
 from .accelerator import make_accelerator
-from .data import align_labels, make_collate, prepare_dataset, task_of
+from .data import align_labels, make_collate, prepare_dataset
 from .metrics import load_metric
 
 
@@ -47,8 +49,8 @@ def evaluate(
                             label_column=label_column, progress_bar=False, metrics=metrics)
     accelerator = accelerator or make_accelerator(config)
     task = task_of(model)
-    names = tuple(metrics) if metrics else (("perplexity",) if task == "causal_lm" else ("accuracy",))
-    if task != "causal_lm":  # string labels take the ids the model's id2label gives them
+    names = tuple(metrics) if metrics else (("perplexity",) if task is Task.CAUSAL_LM else ("accuracy",))
+    if task is not Task.CAUSAL_LM:  # string labels take the ids the model's id2label gives them
         dataset, _ = align_labels(dataset, None, label_column, model, write_config=False)
     ds = prepare_dataset(dataset, tokenizer, config, task, "eval")
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
@@ -74,7 +76,7 @@ def _compute(metric: Any, name: str, num_labels: int, **kwargs: Any) -> dict[str
 
 
 @torch.no_grad()
-def evaluate_model(accelerator: Any, model: nn.Module, loader: Any, task: str, metrics: dict[str, Any],
+def evaluate_model(accelerator: Any, model: nn.Module, loader: Any, task: Task, metrics: dict[str, Any],
                    num_labels: int = 0) -> dict[str, float]:
     """Loss and metrics over the whole evaluation set, gathered across processes (duplicates dropped)."""
     was_training = model.training
@@ -85,7 +87,7 @@ def evaluate_model(accelerator: Any, model: nn.Module, loader: Any, task: str, m
             out = model(**batch)
         logits = out.logits.float()
         labels = batch["labels"]
-        if task == "causal_lm":
+        if task is Task.CAUSAL_LM:
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             tok = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
                                                     ignore_index=-100, reduction="none")
@@ -109,14 +111,14 @@ def evaluate_model(accelerator: Any, model: nn.Module, loader: Any, task: str, m
         losses.append(loss_g[keep].cpu())
     model.train(was_training)
     result: dict[str, float] = {}
-    if task == "causal_lm":
+    if task is Task.CAUSAL_LM:
         total_nll, total_tok = torch.cat(nll), torch.cat(ntok)
         result["eval_loss"] = float(total_nll.sum() / total_tok.sum().clamp(min=1))
         for name, metric in metrics.items():
             kw = {"nll_sum": total_nll.tolist(), "num_tokens": total_tok.long().tolist()} if name == "perplexity" \
                 else None
             if kw is None:
-                raise ValueError(f"metric {name!r} does not apply to a causal LM; use metrics=('perplexity',).")
+                raise ConfigError(f"metric {name!r} does not apply to a causal LM; set evaluate.metrics: [perplexity].")
             result.update({f"eval_{k}": v for k, v in _compute(metric, name, 0, **kw).items() if k != "loss"})
         return result
     p, r = torch.cat(preds), torch.cat(refs)
@@ -125,7 +127,8 @@ def evaluate_model(accelerator: Any, model: nn.Module, loader: Any, task: str, m
         num_labels = max(num_labels, int(max(int(p.max()), int(r.max())) + 1))
     for name, metric in metrics.items():
         if name == "perplexity":
-            raise ValueError("perplexity applies to causal LMs only; use accuracy or f1 for classification.")
+            raise ConfigError("perplexity applies to causal LMs only; set evaluate.metrics to accuracy or f1 for "
+                              "classification.")
         result.update({f"eval_{k}": v for k, v in
                        _compute(metric, name, num_labels, predictions=p.tolist(), references=r.tolist()).items()})
     return result

@@ -32,9 +32,11 @@ import torch
 from torch import nn
 
 from ..config import FinetuneConfig
+from ..errors import ConfigError
+from ..modeling import Task, task_of
 from . import evaluation, fixed_masks, optim, outputs
 from .accelerator import make_accelerator
-from .data import make_collate, prepare_datasets, task_of
+from .data import make_collate, prepare_datasets
 
 
 @dataclass
@@ -104,7 +106,7 @@ def finetune(
     model, result_masks, tokenizer = _unpack(model_or_result, tokenizer)
     masks = fixed_masks.resolve_masks(model, result_masks, masks)
     task = task_of(model)
-    metric_names = config.metrics or (("perplexity",) if task == "causal_lm" else ("accuracy",))
+    metric_names = config.metrics or (("perplexity",) if task is Task.CAUSAL_LM else ("accuracy",))
     own_accelerator = accelerator is None
     if own_accelerator:
         accelerator = make_accelerator(config)
@@ -174,8 +176,9 @@ def finetune(
         else:
             state, saved_masks = outputs.load_checkpoint_meta(resumed_from)
             if set(saved_masks) != set(masks) or any(not torch.equal(saved_masks[n], masks[n]) for n in masks):
-                raise ValueError(f"the masks of {resumed_from} differ from this model's masks: resume with the same "
-                                 "pruned model, or start a fresh run (resume=False or another output_dir).")
+                raise ConfigError(f"the masks of {resumed_from} differ from this model's masks: resume with the same "
+                                  "pruned model, or start a fresh run (set finetune.resume: false or choose another "
+                                  "finetune.output_dir).")
             outputs.load_checkpoint_state(resumed_from, accelerator, model, optimizer, scheduler)
             fixed_masks.reapply_masks(pairs)
             global_step, start_epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]

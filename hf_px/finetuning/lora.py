@@ -36,14 +36,10 @@ def lora_target_modules(model: nn.Module) -> list[str]:
 
 
 def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    if name.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
-        return "CAUSAL_LM"
-    if name.endswith("ForTokenClassification"):
-        return "TOKEN_CLS"
-    return None
+    """peft's task type, which also keeps a classification head trainable (``modules_to_save``)."""
+    from ..modeling import Task, task_of
+
+    return {Task.SEQUENCE_CLASSIFICATION: "SEQ_CLS", Task.CAUSAL_LM: "CAUSAL_LM"}.get(task_of(model))
 
 
 def _masked_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

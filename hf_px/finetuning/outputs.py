@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..export.checkpoint_files import CheckpointFileError
 from . import checkpoints
 
 _CKPT_RE = re.compile(r"^step_(\d+)$")
@@ -51,16 +52,16 @@ def find_resume_point(root: str, warn: bool = True) -> str | None:
     """The newest intact checkpoint; newer broken ones are skipped with a warning, pickle-based ones refused.
 
     Raises:
-        ValueError: the newest checkpoint that could be used is an old Accelerate (pickle) checkpoint.
+        CheckpointFileError: the newest checkpoint that could be used is an old Accelerate (pickle) checkpoint.
     """
     for _, path in _step_folders(root):
         why = checkpoints.problem(path)
         if why is None:
             return path
         if why == "legacy":
-            raise ValueError(f"{path} is an old Accelerate checkpoint made of pickle files, which can run code when "
-                             f"loaded, so hf_px does not read it: delete {root} (or choose another output folder) "
-                             "and start a fresh run.")
+            raise CheckpointFileError(f"{path} is an old Accelerate checkpoint made of pickle files, which can run "
+                                      f"code when loaded, so hf_px does not read it: delete {root} (or choose another "
+                                      "finetune.output_dir) and start a fresh run.")
         if warn:
             warnings.warn(f"skipping checkpoint {path}: {why}; trying an older one.", stacklevel=3)
     return None

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ..registry import ArchSpec, base_model_of, get_module, is_linear_like
+from ..registry import ArchSpec, base_model_of, get_module, is_linear_like, is_transposed, weight_out_in
 from .config import PCNConfig, PCNLayerReport
 from .stats import choose_width, collect_input_moments, explained_variance, pca
 
@@ -43,19 +42,10 @@ def ffn_sites(model: nn.Module, spec: ArchSpec) -> list[FFNSite]:
     return sites
 
 
-# Linear weights are (out, in); GPT-2's Conv1D weights are (in, out).
-def weight_out_in(m: nn.Module) -> torch.Tensor:
-    return m.weight.T if isinstance(m, Conv1D) else m.weight
-
-
-def in_features(m: nn.Module) -> int:
-    return weight_out_in(m).shape[1]
-
-
 def _set_weight(m: nn.Module, w_out_in: torch.Tensor) -> None:
-    w = w_out_in.T if isinstance(m, Conv1D) else w_out_in
+    w = w_out_in.T if is_transposed(m) else w_out_in
     m.weight = nn.Parameter(w.contiguous(), requires_grad=m.weight.requires_grad)
-    if isinstance(m, Conv1D):
+    if is_transposed(m):
         m.nx, m.nf = m.weight.shape
     else:
         m.out_features, m.in_features = m.weight.shape
@@ -81,17 +71,6 @@ def ensure_bias(m: nn.Module) -> bool:
     m.bias = nn.Parameter(torch.zeros(weight_out_in(m).shape[0], dtype=w.dtype, device=w.device),
                           requires_grad=w.requires_grad)
     return True
-
-
-def width_field(config) -> str:
-    """Name of the config field holding the FFN width (GPT-2: ``n_inner``; others: ``intermediate_size``)."""
-    for name in ("n_inner", "intermediate_size"):
-        if hasattr(config, name):
-            return name
-    raise ValueError(
-        f"{type(config).__name__} has neither 'intermediate_size' nor 'n_inner'; PCN cannot record the new FFN "
-        "width in the config."
-    )
 
 
 def neuron_order(evecs: torch.Tensor, evals: torch.Tensor, variances: torch.Tensor, k: int, score: str,
@@ -181,22 +160,25 @@ def structured_pcn(model: nn.Module, batches: list[dict[str, torch.Tensor]], con
         reports.append(PCNLayerReport(layer=site.index, kind="ffn", width_before=full, width_after=kept_width,
                                       explained_variance=explained_variance(evals, k), components=k,
                                       selected_variance=selected))
-    _record_widths(model, sites, target, [r.width_after for r in reports], config, created_any)
+    _record_widths(model, spec, sites, target, [r.width_after for r in reports], config, created_any)
     return reports, tokens
 
 
-def _record_widths(model: nn.Module, sites: list[FFNSite], target: int, widths: list[int],
+def _record_widths(model: nn.Module, spec: ArchSpec, sites: list[FFNSite], target: int, widths: list[int],
                    config: PCNConfig, created_bias: bool) -> None:
     cfg = model.config
-    setattr(cfg, width_field(cfg), target)
+    if not hasattr(cfg, spec.ffn_width_attr):
+        raise ValueError(f"{type(cfg).__name__} has no {spec.ffn_width_attr!r} (the {spec.name!r} ArchSpec's "
+                         "ffn_width_attr); PCN cannot record the new FFN width in the config.")
+    setattr(cfg, spec.ffn_width_attr, target)
     if not config.uniform:
         cfg.hf_px_pcn = {"mode": "structured", "intermediate_sizes": [int(w) for w in widths],
                          "padded_to": int(target)}
     if created_bias:
-        # e.g. Llama: one flag gives every MLP matrix a bias, so the reloaded model has the new output bias;
-        # the input/gate matrices get zero biases to match
-        if hasattr(cfg, "mlp_bias"):
-            cfg.mlp_bias = True
+        # one flag (Llama: mlp_bias) gives every MLP matrix a bias, so the reloaded model has the new output
+        # bias; the input/gate matrices get zero biases to match
+        if spec.ffn_bias_attr is not None:
+            setattr(cfg, spec.ffn_bias_attr, True)
             for s in sites:
                 for m in (s.ffn_in, s.ffn_gate, s.ffn_out):
                     if m is not None:

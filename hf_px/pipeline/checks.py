@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..modeling import CLASSIFICATION_TASKS, Task, resolve_task
 from .config import ConfigError, RunConfig
 
 BUILTIN_MODELS = ("builtin:minilm",)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-_EVAL_SPLITS = ("validation", "dev", "test", "eval")
+EVAL_SPLITS = ("validation", "dev", "test", "eval")  # the first present is evaluated on, unless data.eval_split
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Plan:
 
     model_path: str | None  # local folder or Hub id; None for from_config
     tokenizer_path: str
-    task: str
+    task: Task
     num_labels: int | None
     train: Any
     eval: Any
@@ -55,26 +56,31 @@ def _local(name: str) -> bool:
     return os.path.exists(os.path.expanduser(name)) or _looks_local(name)
 
 
-def check_output_dir(path: str, inputs: tuple[str | None, ...] = ()) -> Path:
-    """A run folder that is new/empty or one of our own runs, never holding the inputs, with a writable parent."""
-    from ..folders import OutputFolderError, check_output_folder, local_inputs
+def check_output_dirs(cfg: RunConfig) -> None:
+    """Every folder the run writes: new/empty or hf-px's own of the same kind, never holding an input, writable.
 
-    try:
-        return check_output_folder(path, flag="output.output_dir", kind="run",
-                                   inputs=local_inputs(*(resolve_builtin(i) if i in BUILTIN_MODELS else i for i in inputs)))
-    except (OutputFolderError, PermissionError) as err:
-        raise ConfigError(str(err).replace("pass a folder path", "set output.output_dir to a folder path")) from err
+    The folders a user names for the results (``output.model_dir``, ``finetune.output_dir``) come first: their
+    refusal says more than one of the run folder beside them.
+    """
+    from ..folders import OutputFolderError, UnwritableFolderError, check_output_folder, local_inputs
+
+    teacher = cfg.teacher.checkpoint if cfg.teacher is not None else None
+    names = (cfg.model.name_or_path, cfg.model.tokenizer, cfg.data.dataset, teacher)
+    inputs = local_inputs(*(resolve_builtin(i) if i in BUILTIN_MODELS else i for i in names))
+    folders = [("output.model_dir", cfg.output.model_dir, "prune"), ("output.output_dir", cfg.output.output_dir, "run")]
+    if cfg.finetune is not None and cfg.finetune.output_dir is not None:
+        folders.insert(1, ("finetune.output_dir", cfg.finetune.output_dir, "finetune"))
+    for key, path, kind in folders:
+        if path is None:
+            continue
+        try:
+            check_output_folder(path, key=key, kind=kind, inputs=inputs, overwrite=cfg.output.overwrite,
+                                resume=cfg.finetune is not None and cfg.finetune.resume)
+        except (OutputFolderError, UnwritableFolderError) as err:
+            raise ConfigError(str(err)) from err
 
 
 # ------------------------------------------------------------------------------------------------ model
-def _task_class(task: str):
-    import transformers
-
-    return {"sequence-classification": transformers.AutoModelForSequenceClassification,
-            "image-classification": transformers.AutoModelForImageClassification,
-            "causal-lm": transformers.AutoModelForCausalLM}[task]
-
-
 def _read_config(folder: Path, trust_remote_code: bool):
     import transformers
 
@@ -87,6 +93,9 @@ def _read_config(folder: Path, trust_remote_code: bool):
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ConfigError(f"{raw_path} has no model_type; it is not a transformers config. Re-save the checkpoint "
                           "with save_pretrained.")
+    from ..modeling import register_pcn_types
+
+    register_pcn_types(folder)
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as err:
@@ -141,7 +150,7 @@ def _check_weights_match(folder: Path, config: Any, trust_remote_code: bool) -> 
                               f"{list(expected[k])}; the config does not match the weights (edited hidden sizes?).")
 
 
-def check_model(cfg: RunConfig) -> tuple[str | None, str, Any]:
+def check_model(cfg: RunConfig) -> tuple[str | None, Task, Any]:
     """(resolved model path, task, transformers config) for the model section."""
     import transformers
 
@@ -154,31 +163,30 @@ def check_model(cfg: RunConfig) -> tuple[str | None, str, Any]:
         except ValueError as err:
             raise ConfigError(f"model.from_config: unknown model_type {model_type!r} "
                               f"({str(err).splitlines()[0][:100]}).") from err
-        task = m.task if m.task != "auto" else "sequence-classification"
-        return None, task, config
+        return None, resolve_task(m.task, config), config
     path = resolve_builtin(m.name_or_path)
     folder = Path(path).expanduser()
     if not folder.exists():
         if _local(path):
             raise ConfigError(f"model.name_or_path {path!r} does not exist; pass a checkpoint folder or a Hub id.")
-        return path, m.task, None  # a Hub id: checked when it is downloaded
-    from ..modeling import check_model_source, task_from_config
+        return path, resolve_task(m.task, None), None  # a Hub id: checked when it is downloaded
+    from ..errors import HfPxError
+    from ..modeling import check_model_source
 
     try:
         check_model_source(str(folder), allow_pickle=m.allow_pickle)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(str(err).replace("--allow-pickle", "model.allow_pickle: true")) from err
+    except HfPxError as err:
+        raise ConfigError(str(err)) from err
     if m.gguf_file:
         if not (folder / m.gguf_file).is_file():
             raise ConfigError(f"model.gguf_file {m.gguf_file!r} is not in {folder}; name a .gguf file inside it.")
-        return str(folder), m.task, None
+        return str(folder), resolve_task(m.task, None), None
     config = _read_config(folder, m.trust_remote_code)
     _check_weights_match(folder, config, m.trust_remote_code)
-    task = m.task if m.task != "auto" else task_from_config(config)
-    return str(folder), task, config
+    return str(folder), resolve_task(m.task, config), config
 
 
-def check_tokenizer(cfg: RunConfig, model_path: str | None, task: str) -> str:
+def check_tokenizer(cfg: RunConfig, model_path: str | None, task: Task) -> str:
     where = resolve_builtin(cfg.model.tokenizer) or model_path
     if where is None:
         raise ConfigError("model.tokenizer is needed with model.from_config.")
@@ -189,9 +197,9 @@ def check_tokenizer(cfg: RunConfig, model_path: str | None, task: str) -> str:
         return where  # Hub id
     if cfg.model.gguf_file and where == model_path:
         return where
-    wanted = _PROCESSOR_FILES if task == "image-classification" else _TOKENIZER_FILES
+    wanted = _PROCESSOR_FILES if task is Task.IMAGE_CLASSIFICATION else _TOKENIZER_FILES
     if not any((folder / f).exists() for f in wanted):
-        kind = "image processor" if task == "image-classification" else "tokenizer"
+        kind = "image processor" if task is Task.IMAGE_CLASSIFICATION else "tokenizer"
         raise ConfigError(f"no {kind} in {folder} (none of {', '.join(wanted)}); set model.tokenizer to a folder "
                           f"or Hub id that has one, or save it next to the model.")
     return where
@@ -207,7 +215,9 @@ def _drop_rows(ds: Any, rows: list[int]) -> Any:
     return ds.select([i for i in range(len(ds)) if i not in drop]) if drop else ds
 
 
-def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
+def check_data(cfg: RunConfig, task: Task, ckpt_config: Any) -> dict[str, Any]:
+    """The splits with their columns resolved and labels encoded by one map; the evaluation split only when a
+    stage evaluates."""
     from ..data import check_text_rows, empty_text_rows, load_dataset_any, resolve_columns
     from ..data.labels import checkpoint_label_names, encode_labels, infer_num_labels, trained_head
 
@@ -220,10 +230,11 @@ def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
         raise ConfigError(f"data.train_split {d.train_split!r} is not in {d.dataset!r} (splits: {', '.join(dd)}).")
     if d.eval_split is not None and d.eval_split not in dd:
         raise ConfigError(f"data.eval_split {d.eval_split!r} is not in {d.dataset!r} (splits: {', '.join(dd)}).")
-    eval_split = d.eval_split or next((s for s in _EVAL_SPLITS if s in dd), None)
+    evaluated = cfg.finetune is not None or cfg.evaluate.enabled or cfg.teacher is not None
+    eval_split = (d.eval_split or next((s for s in EVAL_SPLITS if s in dd), None)) if evaluated else None
     train = dd[d.train_split]
     evals = dd[eval_split] if eval_split else None
-    if evals is None and d.eval_holdout and len(train) > 1:
+    if evals is None and evaluated and d.eval_holdout and len(train) > 1:
         parts = train.train_test_split(test_size=d.eval_holdout, seed=d.seed)
         train, evals, eval_split = parts["train"], parts["test"], f"{d.train_split} (held out {d.eval_holdout:g})"
     train = _subset(train, d.max_train_samples, d.seed)
@@ -231,7 +242,7 @@ def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
     if len(train) == 0:
         raise ConfigError(f"split {d.train_split!r} of {d.dataset!r} is empty: the calibration set would be empty; "
                           "use a split with examples.")
-    causal = task == "causal-lm"
+    causal = task is Task.CAUSAL_LM
     if causal and d.num_batches is None and (cfg.pcn is not None or cfg.prune is not None):
         raise ConfigError("a causal LM calibrates on unlabelled text: set data.num_batches (e.g. 8) to size the "
                           "calibration set.")
@@ -239,13 +250,11 @@ def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
     try:
         text, label, image = resolve_columns(train, d.text_column, label_col, d.image_column)
     except ValueError as err:
-        raise ConfigError(str(err).replace("--label-column", "data.label_column")
-                          .replace("--text-column", "data.text_column")
-                          .replace("--image-column", "data.image_column")) from err
+        raise ConfigError(str(err)) from err
     if text is None and image is None:
         raise ConfigError(f"no text or image column in {d.dataset!r} (columns: {', '.join(train.column_names)}); "
                           "set data.text_column or data.image_column.")
-    if task == "image-classification" and image is None:
+    if task is Task.IMAGE_CLASSIFICATION and image is None:
         raise ConfigError(f"the model is an image classifier but {d.dataset!r} has no image column; set "
                           "data.image_column or use a text model.")
     if text is not None and image is None:
@@ -254,14 +263,14 @@ def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
                 continue
             if not d.drop_empty_text:
                 try:
-                    check_text_rows(split, text, name, fix="remove them or set data.drop_empty_text: true")
+                    check_text_rows(split, text, name, fix="remove them from the data or set data.drop_empty_text: true")
                 except ValueError as err:
                     raise ConfigError(str(err)) from err
         if d.drop_empty_text:
             train = _drop_rows(train, empty_text_rows(train, text))
             evals = _drop_rows(evals, empty_text_rows(evals, text)) if evals is not None else None
     num_labels, labels = cfg.model.num_labels, None
-    if label is not None and not causal:
+    if label is not None and task in CLASSIFICATION_TASKS:
         head = trained_head(ckpt_config)
         try:
             labels = infer_num_labels(
@@ -270,7 +279,7 @@ def check_data(cfg: RunConfig, task: str, ckpt_config: Any) -> dict[str, Any]:
                 min_classes=2 if cfg.finetune is not None or cfg.evaluate.enabled else 1,
                 train_split=d.train_split, eval_split=str(eval_split))
         except ValueError as err:
-            raise ConfigError(str(err).replace("--label-column", "data.label_column")) from err
+            raise ConfigError(str(err)) from err
         train = encode_labels(train, labels)
         evals = encode_labels(evals, labels) if evals is not None else None
         num_labels = labels.num_labels
@@ -283,15 +292,13 @@ def check_push(cfg: RunConfig) -> None:
         return
     from ..export.hub import check_repo_id
 
-    try:
-        check_repo_id(cfg.push.hub_model_id, "push.hub_model_id")
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    check_repo_id(cfg.push.hub_model_id, "push.hub_model_id")
 
 
-def check_teacher(cfg: RunConfig, path: str, task: str, num_labels: int | None) -> None:
+def check_teacher(cfg: RunConfig, path: str, task: Task, num_labels: int | None) -> None:
     """``teacher.checkpoint``: a readable checkpoint folder (or Hub id) whose head fits the data's labels."""
-    from ..modeling import CLASSIFICATION_TASKS, check_model_source
+    from ..errors import HfPxError
+    from ..modeling import check_model_source
 
     folder = Path(path).expanduser()
     if not folder.exists():
@@ -300,9 +307,9 @@ def check_teacher(cfg: RunConfig, path: str, task: str, num_labels: int | None) 
                               "fine-tuned on this task, or remove the key to train the teacher.")
         return  # a Hub id: checked when it is downloaded
     try:
-        check_model_source(str(folder), allow_pickle=cfg.model.allow_pickle)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"teacher.checkpoint: {err}".replace("--allow-pickle", "model.allow_pickle: true")) from err
+        check_model_source(str(folder), allow_pickle=cfg.model.allow_pickle, key="teacher.checkpoint")
+    except HfPxError as err:
+        raise ConfigError(f"teacher.checkpoint: {err}") from err
     config = _read_config(folder, cfg.model.trust_remote_code)
     if task in CLASSIFICATION_TASKS and num_labels is not None and getattr(config, "num_labels", None) != num_labels:
         raise ConfigError(f"teacher.checkpoint {path!r} has a head with {config.num_labels} labels but the data have "
@@ -312,11 +319,9 @@ def check_teacher(cfg: RunConfig, path: str, task: str, num_labels: int | None) 
 def check_run(cfg: RunConfig) -> Plan:
     """All checks, in the order a user would fix them; nothing is written and no weights are read."""
     teacher = cfg.teacher.checkpoint if cfg.teacher is not None else None
-    check_output_dir(cfg.output.output_dir, (cfg.model.name_or_path, cfg.model.tokenizer, cfg.data.dataset, teacher))
+    check_output_dirs(cfg)
     check_push(cfg)
     model_path, task, ckpt_config = check_model(cfg)
-    if task == "auto":
-        task = "sequence-classification"
     tokenizer_path = check_tokenizer(cfg, model_path, task)
     data = check_data(cfg, task, ckpt_config)
     if teacher is not None:

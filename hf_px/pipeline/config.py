@@ -26,10 +26,12 @@ from typing import Any, Union
 
 from ..config import FinetuneConfig, PruneConfig, short_repr
 from ..finetuning.distill import DistillConfig
+from ..modeling import Task
 from ..pcn.config import PCNConfig
+from ..pruning.scoring import SCORERS
 from .config_files import ConfigError, check_size, key_text, read_config_file
 
-TASKS = ("auto", "sequence-classification", "image-classification", "causal-lm")
+TASKS = ("auto", *(t.value for t in Task))
 @dataclass
 class ModelSection:
     """Which checkpoint to start from.
@@ -38,7 +40,8 @@ class ModelSection:
         name_or_path: Hub id, local checkpoint folder, or ``builtin:minilm`` (the packaged all-MiniLM-L6-v2).
         from_config: build a randomly initialised model from this config dict instead (``model_type`` plus
             fields, e.g. ``{model_type: bert, hidden_size: 32}``); needs ``tokenizer``.
-        task: auto | sequence-classification | image-classification | causal-lm.
+        task: auto (the checkpoint's own head) | sequence-classification | image-classification | causal-lm |
+            features (the bare trunk: prune only, nothing to fine-tune or evaluate).
         num_labels: classes of a classification head (default: the dataset's). Set it to replace a trained
             head that has a different number of labels.
         tokenizer: tokenizer/processor location when it is not next to the model (``builtin:minilm`` works).
@@ -85,7 +88,9 @@ class DataSection:
         eval_split: split to evaluate on (default: the first of validation, dev, test, eval).
         eval_holdout: when the dataset has no evaluation split, hold out this seeded fraction of the training
             split for evaluation (e.g. 0.1 for a single text file); null: no evaluation then.
-        text_column, label_column, image_column: columns (default: detected; label_column null: unlabelled).
+        text_column: the text column (default: detected: text, sentence, ... or the first string column).
+        label_column: the label column (null: unlabelled data).
+        image_column: the image column of vision data (default: detected).
         max_train_samples, max_eval_samples: seeded subsets of the splits.
         per_class: class-balanced calibration examples per class (the PX paper uses 10).
         num_batches: unlabelled data: calibration batches to draw instead of per_class.
@@ -158,10 +163,16 @@ class OutputSection:
     Args:
         output_dir: the run folder; every stage writes its own sub-folder with a manifest.
         format: dense (stock safetensors with zeros) or sparse (packed values + bitmasks).
+        model_dir: also publish the final model folder here, renamed into place once complete (null: it stays
+            in the run folder only).
+        overwrite: let model_dir replace an earlier hf-px checkpoint (a folder holding hf_px.json); folders with
+            other files, or holding an input, are never replaced.
     """
 
     output_dir: str = "hf-px-run"
     format: str = "dense"
+    model_dir: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in ("dense", "sparse"):
@@ -218,10 +229,9 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     "model": (ModelSection, ()),
     "data": (DataSection, ()),
     "pcn": (PCNConfig, ()),
-    "prune": (PruneConfig, ("pcn", "extra")),
+    "prune": (PruneConfig, ("pcn",)),
     "teacher": (TeacherSection, ()),
-    "finetune": (FinetuneConfig, ("output_dir", "resume", "max_length", "text_column", "label_column", "metrics",
-                                  "distill")),
+    "finetune": (FinetuneConfig, ("max_length", "text_column", "label_column", "metrics", "distill")),
     "distill": (DistillConfig, ("teacher",)),
     "evaluate": (EvaluateSection, ()),
     "output": (OutputSection, ()),
@@ -242,9 +252,18 @@ def section_fields(section: str) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.name not in owned]
 
 
+def option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """``prune.options.KEY`` -> [(method, field)] over every method's options class (a key may serve several)."""
+    out: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for method in sorted(SCORERS):
+        for f in dataclasses.fields(SCORERS[method].options_class):
+            out.setdefault(f"prune.options.{f.name}", []).append((method, f))
+    return out
+
+
 def all_keys() -> list[str]:
-    """Every valid ``section.key``."""
-    return [f"{s}.{f.name}" for s in SECTIONS for f in section_fields(s)]
+    """Every valid ``section.key``, and ``prune.options.KEY`` for every method's options."""
+    return [f"{s}.{f.name}" for s in SECTIONS for f in section_fields(s)] + list(option_fields())
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -302,24 +321,47 @@ def build_section(section: str, values: dict[str, Any] | None) -> Any:
         if key in owned:
             where = SHARED_KEYS.get(f"{section}.{key}")
             raise ConfigError(f"{section}.{key} is set by the pipeline"
-                              + (f" from {where}; set {where} instead." if where else
-                                 " (it manages output folders and resuming); remove it from the config."))
+                              + (f" from {where}; set {where} instead." if where else "; remove it from the config."))
         if key not in names:
             raise ConfigError(f"unknown key {section}.{key_text(key)}.{_suggest(str(key)[:100], names)}")
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"{section}.{key} must be {_type_name(hints[key])}, got {short_repr(value)} "
                               f"({type(value).__name__}).")
+    if section == "prune" and values.get("options") is not None:
+        _check_options(values.get("method", PruneConfig.method), values["options"])
     if section == "finetune" and isinstance(values.get("log_with"), list):
         values["log_with"] = tuple(values["log_with"])
-    if section == "finetune":
-        values["output_dir"] = "(the run's finetune stage)"  # replaced by the pipeline; lets save_every validate
+    # without finetune.output_dir the pipeline keeps checkpoints in the stage's work folder: a stand-in lets
+    # FinetuneConfig accept save_every and resume
+    stand_in = section == "finetune" and values.get("output_dir") is None
     try:
-        return cls(**values)
+        built = cls(**({**values, "output_dir": "(the stage's work folder)"} if stand_in else values))
+        if stand_in:
+            built.output_dir = None
+        return built
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:
         msg = str(err)
         raise ConfigError(msg if msg.startswith(section) else f"{section}: {msg}") from err
+
+
+def _check_options(method: Any, options: Any) -> None:
+    """``prune.options`` against ``prune.method``'s options class; each error names ``prune.options.KEY``."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"prune.options must be a mapping of {method}'s options, got {short_repr(options)}.")
+    if method not in SCORERS:
+        return  # PruneConfig names the valid methods
+    cls = SCORERS[method].options_class
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in options.items():
+        if key not in names:
+            raise ConfigError(f"unknown key prune.options.{key_text(key)} for method {method}."
+                              + (_suggest(str(key)[:100], names) if names else " It takes no options."))
+        try:  # one field at a time, so the error is that field's
+            cls(**{key: value})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"prune.options.{key}: {err}") from err
 
 
 @dataclass
@@ -351,6 +393,9 @@ class RunConfig:
         if self.teacher is not None and self.teacher.checkpoint is None and self.finetune is None:
             raise ConfigError("the teacher stage fine-tunes the dense model with the finetune section's recipe, but "
                               "finetune is off; add a finetune section or set teacher.checkpoint.")
+        if self.model.task == Task.FEATURES and (self.finetune or self.evaluate.enabled or self.teacher is not None):
+            raise ConfigError("model.task features loads the bare trunk, which has no head to fine-tune or evaluate; "
+                              "set finetune: null and evaluate.enabled: false, or choose a task with a head.")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
@@ -400,6 +445,8 @@ class RunConfig:
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # prune.options
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -412,5 +459,10 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             raise ConfigError(f"unknown key {key_text(key)}.{_suggest(str(key)[:100], valid)}")
         section, name = key.split(".", 1)
         current = raw.get(section)
-        raw[section] = {**(current if isinstance(current, dict) else {}), name: value}
+        current = dict(current) if isinstance(current, dict) else {}
+        if name.startswith("options."):  # prune.options.KEY sets one option, keeping the file's others
+            inner = current.get("options")
+            value = {**(inner if isinstance(inner, dict) else {}), name.split(".", 1)[1]: value}
+            name = "options"
+        raw[section] = {**current, name: value}
     return raw

@@ -1,4 +1,4 @@
-"""Reading run configs within bounds, and :class:`ConfigError`.
+"""Reading run configs within bounds.
 
 A real run config is a few kB, but YAML aliases can make a small file expand to gigabytes once it is copied,
 printed or written to ``run.json``. The size is measured with every alias counted, without expanding anything,
@@ -14,19 +14,9 @@ from typing import Any
 import yaml
 
 from ..config import short_repr
+from ..errors import ConfigError
 
 MAX_CONFIG_CHARS = 1_000_000
-_MESSAGE_CHARS = 1_000
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot be used; the message names the key and the fix (one line, bounded)."""
-
-    def __init__(self, message: str = "") -> None:
-        text = " ".join(str(message).split())
-        if len(text) > _MESSAGE_CHARS:  # keep the start (the key) and the end (the fix)
-            text = text[: _MESSAGE_CHARS // 2] + " ... " + text[-_MESSAGE_CHARS // 2:]
-        super().__init__(text)
 
 
 def key_text(key: Any) -> str:

@@ -29,6 +29,12 @@ class Context:
         """Where a resumable stage keeps its checkpoints until it is complete."""
         return self.root / f"{self.folders[name]}.work"
 
+    def training_dir(self, name: str) -> Path:
+        """Where a training stage's loop writes checkpoints, logs, results and its model: the user's
+        ``finetune.output_dir`` (kept, resumed only with ``finetune.resume``) or the stage's work folder."""
+        given = self.cfg.finetune.output_dir if name == "finetune" else None
+        return Path(given).expanduser().absolute() if given else self.work_dir(name)
+
     def has(self, name: str) -> bool:
         return name in self.stages
 
@@ -36,9 +42,9 @@ class Context:
         if self._processor is None:
             from ..modeling import load_processor
 
-            kind = "image-classification" if self.plan.task == "image-classification" else "text"
-            self._processor = load_processor(self.plan.tokenizer_path, kind, gguf_file=self.cfg.model.gguf_file)
-            if kind == "text" and getattr(self._processor, "pad_token", "x") is None:
+            self._processor = load_processor(self.plan.tokenizer_path, self.plan.task,
+                                             gguf_file=self.cfg.model.gguf_file)
+            if getattr(self._processor, "pad_token", "x") is None:
                 self._processor.pad_token = self._processor.eos_token
         return self._processor
 

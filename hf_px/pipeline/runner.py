@@ -16,26 +16,30 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import HfPxError
 from ..folders import RUN_MARKER, FolderLockedError, folder_lock
+from ..registry import UnsupportedArchitectureError
 from .checks import check_run
 from .config import ConfigError, RunConfig
 from .context import Context
-from .stages import Stage, clean_leftovers, fingerprint, write_json_atomic
+from .stages import Stage, clean_leftovers, copy_tree, fingerprint, write_json_atomic
 from .table import FOLDERS, STAGES, StageSpec
 
 
-class RunError(RuntimeError):
+class RunError(HfPxError, RuntimeError):
     """A stage failed for an environmental reason (disk full, ...); completed stages are kept."""
 
 
 @dataclass
 class RunResult:
-    """What :func:`run` returns: per-stage status (``ran``, ``skipped``, ``off``), the report and final folder."""
+    """What :func:`run` returns: per-stage status (``ran``, ``skipped``, ``off``), the report and the final model
+    folder (``output.model_dir`` when set)."""
 
     output_dir: Path
     stages: dict[str, str]
@@ -49,15 +53,13 @@ class RunResult:
 
 
 def _load_config(config: RunConfig | str | os.PathLike | dict, overrides: dict[str, Any] | None) -> RunConfig:
+    from .config import apply_overrides
+
     if isinstance(config, RunConfig):
-        if overrides:
-            from .config import apply_overrides
-
-            return RunConfig.from_dict(apply_overrides(config.to_dict(), overrides))
-        return config
+        if not overrides:
+            return config
+        config = config.to_dict()
     if isinstance(config, dict):
-        from .config import apply_overrides
-
         return RunConfig.from_dict(apply_overrides(config, overrides or {}))
     return RunConfig.from_file(config, overrides)
 
@@ -165,7 +167,7 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
             barrier()
             state_now = "forced" if force else stage.status()
             if state_now == "complete":
-                _say(f"{stage.path.name}: complete, skipped (use --force to redo)", is_main)
+                _say(f"{stage.path.name}: complete, skipped (inputs unchanged)", is_main)
                 status[name] = "skipped"
             else:
                 _say(f"{stage.path.name}: running" + ("" if state_now == "missing" else f" ({state_now})"), is_main)
@@ -185,6 +187,8 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
                   + (" (fine-tuning continues from its last checkpoint)." if current in _RESUMABLE else "."),
                   file=sys.stderr, flush=True)
         raise
+    except UnsupportedArchitectureError as err:  # the registry's refusal (PCN, pruning) is the input's, not a bug
+        raise ConfigError(str(err)) from err
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise RunError(f"disk full while writing stage {current!r} under {root}: free some space and run the "
@@ -196,10 +200,34 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
 
         report = json.loads((root / "report.json").read_text())
     model_dir = ctx.stage_path("card") / "model"
+    if cfg.output.model_dir is not None and is_main:
+        model_dir = publish(model_dir, Path(cfg.output.model_dir))
     return RunResult(output_dir=root, stages=status, report=report, model_dir=model_dir if model_dir.exists() else None, is_main_process=is_main)
 
 
 _RESUMABLE = {spec.name for spec in STAGES if spec.resumable}
+
+
+def publish(src: Path, dst: Path) -> Path:
+    """``src`` linked into a temp folder beside ``dst``, then renamed into place; an earlier save at ``dst``
+    (which :func:`~hf_px.pipeline.checks.check_run` let through) is replaced only once the new one is complete."""
+    dst = dst.expanduser().absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (dst.parent / f".{dst.name}.{kind}-{uuid.uuid4().hex[:8]}" for kind in ("tmp", "old"))
+    try:
+        copy_tree(src, tmp)
+        if dst.exists():
+            os.replace(dst, old)
+        try:
+            os.replace(tmp, dst)
+        except OSError:
+            if old.exists():
+                os.replace(old, dst)  # the earlier save goes back rather than nothing being there
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
 
 
 def _run_stage(ctx: Context, spec: StageSpec, stage: Stage, is_main: bool, force: bool,

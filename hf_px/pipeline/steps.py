@@ -29,12 +29,12 @@ def source_model(ctx: Context) -> torch.nn.Module:
     from transformers import set_seed
 
     from ..data.labels import set_label_names
-    from ..modeling import CLASSIFICATION_TASKS, TASKS, load_model
+    from ..modeling import CLASSIFICATION_TASKS, load_model
 
     cfg, plan = ctx.cfg, ctx.plan
     set_seed(cfg.data.seed)
     if cfg.model.from_config is not None:
-        return TASKS[plan.task].from_config(random_init_config(ctx)).eval()
+        return plan.task.auto_class.from_config(random_init_config(ctx)).eval()
     model = load_model(plan.model_path, plan.task, plan.num_labels,  # ignored for tasks without a label head
                        trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle,
                        gguf_file=cfg.model.gguf_file)
@@ -141,11 +141,11 @@ def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill
     """Fine-tune ``model`` with the finetune recipe (every process); checkpoints go to the stage's work folder."""
     from ..finetuning.loop import finetune as run_finetune
 
-    work = ctx.work_dir(name)
-    ft = ctx.cfg.finetune
-    config = dataclasses.replace(ft, output_dir=str(work), resume=any((work / "checkpoints").glob("step_*")),
-                                 save_every=ft.save_every or 100, save_total_limit=ft.save_total_limit or 2,
-                                 progress_bar=ft.progress_bar and ctx.progress,
+    work, ft = ctx.training_dir(name), ctx.cfg.finetune
+    # the pipeline's own folder: checkpoints by default, resumed by fingerprint; the user's: as configured
+    managed = {"resume": any((work / "checkpoints").glob("step_*")), "save_every": ft.save_every or 100,
+               "save_total_limit": ft.save_total_limit or 2} if work == ctx.work_dir(name) else {}
+    config = dataclasses.replace(ft, **managed, output_dir=str(work), progress_bar=ft.progress_bar and ctx.progress,
                                  label_column=ctx.plan.label_column or "label", text_column=ctx.plan.text_column,
                                  max_length=ctx.cfg.data.max_length, distill=distill,
                                  metrics=tuple(ctx.cfg.evaluate.metrics) if ctx.cfg.evaluate.metrics else None)
@@ -153,8 +153,8 @@ def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill
 
 
 def _keep_training_outputs(ctx: Context, name: str, out: Any, tmp: Path, summary: dict) -> None:
-    work = ctx.work_dir(name)
-    shutil.move(str(work / "model"), str(tmp / "model"))
+    work = ctx.training_dir(name)
+    copy_tree(work / "model", tmp / "model")
     shutil.copy2(work / "results.json", tmp / "results.json")
     if (work / "logs" / "metrics.jsonl").exists():
         shutil.copy2(work / "logs" / "metrics.jsonl", tmp / "metrics.jsonl")
@@ -188,8 +188,14 @@ def finetune(ctx: Context, tmp: Path | None, summary: dict) -> None:
     distill = None
     if ctx.cfg.distill is not None:
         distill = dataclasses.replace(ctx.cfg.distill, teacher=str(ctx.teacher_dir()))
-    masks = load_masks(ctx.stage_path("prune") / MASKS_FILE) if ctx.has("prune") else {}
-    out = _train(ctx, "finetune", current_model(ctx), masks, distill)
+    model = current_model(ctx)
+    if ctx.has("prune"):
+        masks = load_masks(ctx.stage_path("prune") / MASKS_FILE)
+    else:  # a checkpoint pruned elsewhere keeps its zeros; new heads are outside the prunable set and stay dense
+        from ..pruning.masks import masks_from_model
+
+        masks = masks_from_model(model)
+    out = _train(ctx, "finetune", model, masks, distill)
     if tmp is None:
         return
     _keep_training_outputs(ctx, "finetune", out, tmp, summary)
@@ -230,6 +236,8 @@ def save(ctx: Context, tmp: Path, summary: dict) -> None:
             break
     metadata = {"report": json.loads((ctx.stage_path("prune") / "prune_report.json").read_text())} \
         if ctx.has("prune") else {}
+    if ctx.has("pcn") and metadata:  # the widths PCN chose belong with the pruning report, as hf_px.prune saves it
+        metadata["report"]["pcn"] = json.loads((ctx.stage_path("pcn") / "pcn.json").read_text())
     save_model(model, tmp / "model", ctx, masks=masks, metadata=metadata, format=ctx.cfg.output.format)
     summary.update(format=ctx.cfg.output.format, **model_stats(model, tmp / "model"))
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..registry import is_linear_like
 from .context import random_init_config
 from .stages import write_json_atomic
 
@@ -24,8 +25,7 @@ def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
     out = []
     for module in model.modules():
         w = getattr(module, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2 and (isinstance(module, nn.Linear)
-                                                            or type(module).__name__ == "Conv1D"):
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and is_linear_like(module):
             out.append(w)
     return out
 
@@ -58,7 +58,7 @@ def source_stats(ctx: Any) -> dict[str, Any]:
     """Stats of the starting checkpoint from a meta-device skeleton (no weights read)."""
     import transformers
 
-    from ..modeling import CLASSIFICATION_TASKS, TASKS
+    from ..modeling import CLASSIFICATION_TASKS
 
     plan = ctx.plan
     if ctx.cfg.model.from_config is not None:
@@ -71,7 +71,7 @@ def source_stats(ctx: Any) -> dict[str, Any]:
         if plan.task in CLASSIFICATION_TASKS:
             config.num_labels = plan.num_labels
     with torch.device("meta"):
-        skeleton = TASKS[plan.task].from_config(config, trust_remote_code=ctx.cfg.model.trust_remote_code)
+        skeleton = plan.task.auto_class.from_config(config, trust_remote_code=ctx.cfg.model.trust_remote_code)
     stats = model_stats(skeleton, meta=True)
     stats["file_bytes"] = (weight_file_bytes(folder) if folder else None) or 4 * stats["params"]
     return stats
@@ -287,8 +287,7 @@ def write_card(ctx: Any, model_dir: Path) -> dict[str, Any]:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=ctx.cfg.model.trust_remote_code)
-    arch = (config.architectures or ["Model"])[0]
-    tag = pipeline_tag_for(arch)
+    tag = pipeline_tag_for(config)
     plots = [(PLOTS[name], path) for name, path in data.get("plots", {}).items()]
     card = build_card(report, base_model=ctx.cfg.model.name_or_path, dataset=ctx.cfg.data.dataset,
                       metrics=data.get("evaluate"), format=ctx.cfg.output.format, pipeline_tag=tag,

@@ -15,8 +15,8 @@ from . import steps
 from .config import RunConfig
 from .summary import publish_report
 
-# fine-tuning keys that change what is printed or logged, not the weights
-_COSMETIC = ("progress_bar", "log_every")
+# fine-tuning keys that change what is printed, logged or where checkpoints go, not the weights
+_COSMETIC = ("progress_bar", "log_every", "output_dir", "resume")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("pcn", steps.pcn, lambda cfg: cfg.pcn is not None, lambda d: [d["pcn"], _source(d)]),
     StageSpec("prune", steps.prune, lambda cfg: cfg.prune is not None, lambda d: d["prune"]),
     StageSpec("finetune", steps.finetune, lambda cfg: cfg.finetune is not None,
-              lambda d: [_recipe(d), d["distill"]], every_rank=True, resumable=True),
+              lambda d: [d["model"], d["data"], _recipe(d), d["distill"]], every_rank=True, resumable=True),
     StageSpec("evaluate", steps.evaluate, lambda cfg: cfg.evaluate.enabled, lambda d: d["evaluate"],
               every_rank=True),
     StageSpec("save", steps.save, inputs=lambda d: d["output"]["format"]),

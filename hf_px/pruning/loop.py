@@ -109,14 +109,13 @@ def prune(
         0.8
     """
     config = config or PruneConfig()
-    scorer = get_scorer(config.method)
+    if config.method == "px" and is_transformers_model(model) and find_arch(model) is None and config.generic:
+        warnings.warn("PX needs a registered architecture; generic mode scores with 'ntk_diag' instead.", stacklevel=2)
+        config = dataclasses.replace(config, method="ntk_diag",
+                                     options={"hutchinson_probes": config.options.hutchinson_probes})
+    scorer = get_scorer(config.method, config.options)
     if scorer.needs_data:
         _check_batches(batches)
-    method = config.method
-    if method == "px" and is_transformers_model(model) and find_arch(model) is None and config.generic:
-        warnings.warn("PX needs a registered architecture; generic mode scores with 'ntk_diag' instead.", stacklevel=2)
-        config = dataclasses.replace(config, method="ntk_diag")
-        scorer = get_scorer("ntk_diag")
 
     extras: dict[str, Any] = {}
     if config.pcn is not None:

@@ -2,9 +2,18 @@
 
 Scores (float32) are bucketed by the top 16 bits of their order-preserving integer key: one pass and a
 histogram per matrix give, for any bucket, how many entries of each matrix lie above it. Only the entries of the
-one bucket that a cut falls into are ever sorted. On MiniLM (10.6M prunable weights) this replaces a 0.6 s argsort
-of every alive score by two linear passes; the selected set is the same as a full descending sort would give
-(ties at the cut are broken by matrix order, then by position).
+one bucket that a cut falls into are ever sorted. The selected set is the same as a full descending sort would
+give (ties at the cut are broken by matrix order, then by position).
+
+Why not ``torch.kthvalue``/``topk``: one cut is one kthvalue, but PX's off-path Q/K take the density their
+block's V/O reach at the cut, so ``select_masks`` searches for the cut, and every probe needs each matrix's
+count above it. The histograms answer a probe in O(matrices); kthvalue pays a pass over every score per probe.
+``scripts/bench_threshold.py`` (results/threshold.json; MiniLM's 10,616,832 scores, floor 0.1, one thread, same
+masks in every variant) measured, in seconds per select_masks, buckets / kthvalue / topk / full sort:
+all on-path 0.66 / 0.74 / 1.04 / 2.30 at density 0.5 and 0.43 / 0.60 / 0.65 / 2.13 at 0.1; PX's Q/K rule
+0.45 / 9.7 / 11.4 / 2.1 and 0.37 / 6.1 / 7.7 / 1.9. So kthvalue is no cheaper even without the search and
+16-22x slower with it. (Scores are all-reduced before the threshold, so every rank ranks all of them; a sharded
+threshold could all-reduce these histograms, which kthvalue cannot do without gathering every score.)
 """
 
 from __future__ import annotations

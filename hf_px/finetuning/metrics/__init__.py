@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ...errors import InputNotFoundError
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: Metric names answered by the scripts shipped in this package.
@@ -41,7 +43,7 @@ def load_metric(name: str, **kwargs: Any):
     try:
         return evaluate.load(name, **kwargs)
     except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"could not load the metric {name!r} ({err}). Offline, use a shipped metric "
-            f"({', '.join(SHIPPED_METRICS)}) or pass the path of a local evaluate metric script."
+        raise InputNotFoundError(
+            f"could not load the metric {name!r} ({err}). Offline, set evaluate.metrics to a shipped metric "
+            f"({', '.join(SHIPPED_METRICS)}) or the path of a local evaluate metric script."
         ) from err

@@ -7,13 +7,27 @@ higher = keep (the same masks). Scores are signed: a weight whose removal would 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .base import Scorer, ScoringContext, all_reduce_sum, register_scorer
+from .base import Options, Scorer, ScoringContext, all_reduce_sum, check_positive, register_scorer
 from .snip import grads_for, summed_grads, task_loss, unique_params
 
-TEMPERATURE = 200.0
+
+@dataclass
+class GraspOptions(Options):
+    """GraSP's options.
+
+    Args:
+        temperature: the logits are divided by it before the loss (the official code's 200).
+    """
+
+    temperature: float = 200.0
+
+    def __post_init__(self) -> None:
+        check_positive("temperature", self.temperature)
 
 
 @register_scorer
@@ -22,9 +36,11 @@ class GraSPScorer(Scorer):
 
     method = "grasp"
     description = "θ⊙Hg, gradient-flow preservation (GraSP, Wang et al. 2020); needs labels"
+    options_class = GraspOptions
+    options: GraspOptions
 
     def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
-        temperature = float(ctx.config.extra.get("grasp_temperature", TEMPERATURE))
+        temperature = float(self.options.temperature)
         params = unique_params(ctx)
         g = [x.to(p.dtype) for x, p in zip(summed_grads(ctx, params, temperature), params, strict=True)]
         hg = [torch.zeros_like(p, dtype=torch.float64) for p in params]

@@ -7,11 +7,36 @@ Exact for every operation (softmax, LayerNorm, GELU, Q/K), so it also serves arc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..targets import is_transformers_model
-from .base import Scorer, ScoringContext, all_reduce_sum, grads_for, model_inputs, register_scorer
+from .base import (
+    Options,
+    Scorer,
+    ScoringContext,
+    all_reduce_sum,
+    check_int,
+    grads_for,
+    model_inputs,
+    register_scorer,
+)
+
+
+@dataclass
+class NTKDiagOptions(Options):
+    """Options of the exact NTK diagonal.
+
+    Args:
+        hutchinson_probes: Rademacher probes per batch (more: less variance, one backward each).
+    """
+
+    hutchinson_probes: int = 1
+
+    def __post_init__(self) -> None:
+        check_int("hutchinson_probes", self.hutchinson_probes, 1, 1000)
 
 
 def plain_input(batch) -> torch.Tensor:
@@ -65,6 +90,8 @@ class NTKDiagScorer(Scorer):
 
     method = "ntk_diag"
     description = "θ²·Σ_n,k (∂f_k/∂θ)² (exact NTK diagonal, Hutchinson probes); any architecture"
+    options_class = NTKDiagOptions
+    options: NTKDiagOptions
 
     def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         model = ctx.model
@@ -73,7 +100,7 @@ class NTKDiagScorer(Scorer):
         with grads_for(model, params):
             for batch in ctx.batches:
                 out = forward_output(model, batch)
-                accumulate_probe_grads(out, params, acc, ctx.config.hutchinson_probes, ctx.generator,
+                accumulate_probe_grads(out, params, acc, self.options.hutchinson_probes, ctx.generator,
                                        output_mask(model, batch, out))
         by_param = {id(p): all_reduce_sum(a) for p, a in zip(params, acc, strict=True)}
         return {t.key: t.view(by_param[id(t.param)] * t.param.detach().double() ** 2) for t in ctx.targets}

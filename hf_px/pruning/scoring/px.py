@@ -12,23 +12,66 @@ processes) before the single B pass of the round.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ...registry import get_arch, get_module, head_spec, is_linear_like, pool
+from ...registry import get_arch, get_module, head_spec, is_linear_like, pool, weight_out_in
 from ..surrogate import SurrogateRun, run_head, surrogate_attention
 from ..targets import Target, is_transformers_model
 from .base import (
+    Options,
     Scorer,
     ScoringContext,
     all_reduce_max,
     all_reduce_sum,
+    check_choice,
+    check_int,
+    check_positive,
     grads_for,
     model_inputs,
     register_scorer,
 )
 from .ntk_diag import accumulate_probe_grads, plain_input
+
+
+@dataclass
+class PXOptions(Options):
+    """PX's options (docs/px.md §10).
+
+    Args:
+        qk_score: how the off-path matrices (Q/K, a gated MLP's gate) are ranked inside their block: ntk_diag
+            (Hutchinson estimate of the exact NTK diagonal) or magnitude.
+        a_gate: A-pass gate for smooth activations: secant (g = φ(z)/z, reproduces the forward pass) or bound
+            (G = max(|φ(z)/z|, |φ'(z)|), certifies the trace bound).
+        hutchinson_probes: Rademacher probes per batch for the ntk_diag Q/K scores.
+        b_length: encoders: sequence length of the B pass, which sets how much attention (token-route) paths count
+            against skip and MLP paths. None: the calibration set's mean real length (docs/px.md §5.5); 1: no
+            token-route factor.
+        rescale: divide the residual stream by this constant at every block boundary in the A pass (None:
+            hidden_size * max(hidden_size, FFN width)); keeps float64 from overflowing, masks do not change.
+        head_modules: plain networks: names of modules that keep raw signed weights in both passes and are not
+            scored, e.g. [fc] (the reference code's classifier convention).
+    """
+
+    qk_score: str = "ntk_diag"
+    a_gate: str = "secant"
+    hutchinson_probes: int = 1
+    b_length: int | None = None
+    rescale: float | None = None
+    head_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_choice("qk_score", self.qk_score, ("ntk_diag", "magnitude"))
+        check_choice("a_gate", self.a_gate, ("secant", "bound"))
+        check_int("hutchinson_probes", self.hutchinson_probes, 1, 1000)
+        check_int("b_length", self.b_length, 1, none="the mean real length")
+        check_positive("rescale", self.rescale, none="hidden_size * max(hidden_size, FFN width)")
+        if isinstance(self.head_modules, str) or not all(isinstance(n, str) for n in self.head_modules):
+            raise ValueError(f"head_modules must be a list of module names, got {self.head_modules!r}.")
+        self.head_modules = tuple(self.head_modules)
 
 
 def _aux_params(root: nn.Module, targets: list[Target], masks: dict, plain: bool,
@@ -126,8 +169,7 @@ def default_rescale(model: nn.Module) -> float:
     spec = get_arch(model)
     block = spec.block_modules(model.base_model)[0]
     ffn_in = next(get_module(block, ref.path) for ref in spec.layers if ref.role == "ffn_in")
-    w = ffn_in.weight
-    hidden, inter = (w.shape[1], w.shape[0]) if isinstance(ffn_in, nn.Linear) else (w.shape[0], w.shape[1])
+    inter, hidden = weight_out_in(ffn_in).shape
     return float(hidden * max(hidden, inter))
 
 
@@ -136,7 +178,8 @@ def build_run(model: nn.Module, a_gate: str = "secant", rescale: float | None = 
     spec = get_arch(model)
     head = head_spec(model)
     if head is None:
-        raise ValueError(f"PX does not know the head of {type(model).__name__}; use method='ntk_diag'.")
+        raise ValueError(f"PX does not know the head of {type(model).__name__}: add a HeadRef for it to the "
+                         f"{spec.name!r} ArchSpec's heads (hf_px.registry), or use method='ntk_diag'.")
     base = model.base_model
     blocks = spec.block_modules(base)
     norms = [(get_module(b, p), spec.norm_kind) for b in blocks for p in spec.norms]
@@ -260,8 +303,11 @@ class PXScorer(Scorer):
     method = "px"
     description = "Path eXclusion: θ²·|∂R/∂θ²|, R = Σ Ā·B (data-weighted path norm); Q/K per block"
     uses_off_path = True
+    options_class = PXOptions
+    options: PXOptions
 
-    def __init__(self) -> None:
+    def __init__(self, options: PXOptions | dict | None = None) -> None:
+        super().__init__(options)
         self._cache: dict = {}
         self.last_r: float | None = None
 
@@ -269,14 +315,14 @@ class PXScorer(Scorer):
         self._cache = {}
 
     def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
-        cfg = ctx.config
+        opt = self.options
         if not is_transformers_model(ctx.model):
-            heads = tuple(get_module(ctx.model, n) for n in cfg.extra.get("head_modules", ()))
+            heads = tuple(get_module(ctx.model, n) for n in opt.head_modules)
             scores, r = path_scores(ctx.model, ctx.targets, ctx.masks, ctx.batches, heads)
         else:
             scores, r = transformer_scores(
-                ctx.model, ctx.targets, ctx.masks, ctx.batches, qk_score=cfg.qk_score, a_gate=cfg.a_gate,
-                rescale=cfg.rescale, probes=cfg.hutchinson_probes, b_length=cfg.b_length,
+                ctx.model, ctx.targets, ctx.masks, ctx.batches, qk_score=opt.qk_score, a_gate=opt.a_gate,
+                rescale=opt.rescale, probes=opt.hutchinson_probes, b_length=opt.b_length,
                 generator=ctx.generator, cache=self._cache,
             )
         self.last_r = r

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...modeling import Task, task_of
 from ..targets import is_transformers_model
 from .base import Scorer, ScoringContext, all_reduce_sum, grads_for, model_inputs, register_scorer
 from .ntk_diag import plain_input
@@ -24,11 +25,6 @@ def _plain_labels(batch) -> torch.Tensor | None:
             if key in batch:
                 return batch[key]
     return None
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    name = type(model).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
 def task_loss(model: nn.Module, batch, temperature: float = 1.0) -> torch.Tensor:
@@ -45,7 +41,7 @@ def task_loss(model: nn.Module, batch, temperature: float = 1.0) -> torch.Tensor
         out = model(**model_inputs(batch))
         logits = out.logits if getattr(out, "logits", None) is not None else out[0]
         labels = batch.get("labels") if isinstance(batch, dict) else None
-        if _is_causal_lm(model):
+        if task_of(model) is Task.CAUSAL_LM:
             # next-token loss on the inputs themselves; the classification labels of a calibration set do not apply
             ids = batch["input_ids"]
             if "attention_mask" in batch:

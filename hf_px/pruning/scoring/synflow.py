@@ -5,11 +5,11 @@ Every parameter and floating buffer is replaced by its absolute value through ``
 outputs, in float64 so the product of |θ| along deep paths does not overflow. Input per model kind:
 
 * plain networks: ``torch.ones`` shaped like one example of the calibration batches (or
-  ``config.extra["synflow_input_shape"]``, e.g. ``(3, 32, 32)``, when no batches are given);
-* Hugging Face text models: ``inputs_embeds`` of ones, (1, L, hidden) with L = ``config.extra["synflow_length"]``
+  ``SynflowOptions.input_shape``, e.g. ``(3, 32, 32)``, when no batches are given);
+* Hugging Face text models: ``inputs_embeds`` of ones, (1, L, hidden) with L = ``SynflowOptions.length``
   (default: the calibration length, else 16): the word-embedding lookup is skipped, |position embeddings| and
   every block still apply, so R is the |θ|-path flow through the trunk and head;
-* vision models: ``pixel_values`` of ones.
+* vision models (registry entry with ``inputs="pixel_values"``, or pixel batches): ``pixel_values`` of ones.
 
 On transformers the flow is the real network's (LayerNorm, softmax and GELU included), as the official code
 does on any model; it is a path product only where the network is piecewise linear.
@@ -17,30 +17,55 @@ does on any model; it is a path product only where the network is piecewise line
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.func import functional_call
 
+from ...registry import find_arch
 from ..targets import is_transformers_model
-from .base import Scorer, ScoringContext, register_scorer
+from .base import Options, Scorer, ScoringContext, check_int, register_scorer
 from .ntk_diag import plain_input
 
 
-def _ones_input(ctx: ScoringContext) -> tuple[dict, bool]:
+@dataclass
+class SynflowOptions(Options):
+    """SynFlow's options (its input is all ones; these set its shape).
+
+    Args:
+        input_shape: plain networks: the shape of one example, e.g. [3, 32, 32] (None: the calibration batches').
+        length: text models: the sequence length of the all-ones input (None: the calibration length, else 16).
+    """
+
+    input_shape: tuple[int, ...] | None = None
+    length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_shape is not None:
+            if isinstance(self.input_shape, (str, bytes)) or not hasattr(self.input_shape, "__iter__"):
+                raise ValueError(f"input_shape must be a list of sizes, e.g. [3, 32, 32], got {self.input_shape!r}.")
+            self.input_shape = tuple(self.input_shape)
+            for size in self.input_shape:
+                check_int("input_shape entries", size, 1)
+        check_int("length", self.length, 1, none="the calibration length")
+
+
+def _ones_input(ctx: ScoringContext, options: SynflowOptions) -> tuple[dict, bool]:
     """Keyword arguments of the all-ones forward, and whether they are for a plain network."""
-    model, extra = ctx.model, ctx.config.extra
+    model = ctx.model
     if not is_transformers_model(model):
-        shape = extra.get("synflow_input_shape")
+        shape = options.input_shape
         if shape is None:
             if not ctx.batches:
                 raise ValueError("synflow on a plain network needs its input shape: pass calibration batches or "
-                                 "PruneConfig(extra={'synflow_input_shape': (3, 32, 32)}).")
+                                 "PruneConfig(method='synflow', options={'input_shape': (3, 32, 32)}).")
             shape = tuple(plain_input(ctx.batches[0]).shape[1:])
         return {"x": torch.ones(1, *shape, dtype=torch.float64)}, True
-    cfg = model.config
-    if getattr(cfg, "model_type", None) == "vit" or "pixel_values" in (ctx.batches[0] if ctx.batches else {}):
+    cfg, spec = model.config, find_arch(model)
+    if (spec is not None and spec.inputs == "pixel_values") or "pixel_values" in (ctx.batches[0] if ctx.batches else {}):
         size = getattr(cfg, "image_size", 224)
         return {"pixel_values": torch.ones(1, getattr(cfg, "num_channels", 3), size, size, dtype=torch.float64)}, False
-    length = extra.get("synflow_length")
+    length = options.length
     if length is None:
         length = int(ctx.batches[0]["input_ids"].shape[1]) if ctx.batches and "input_ids" in ctx.batches[0] else 16
     hidden = model.get_input_embeddings().weight.shape[1]
@@ -55,6 +80,8 @@ class SynFlowScorer(Scorer):
     method = "synflow"
     description = "|θ⊙∂R/∂θ| of the |θ| network on all-ones input; data-free (SynFlow, Tanaka et al. 2020)"
     needs_data = False
+    options_class = SynflowOptions
+    options: SynflowOptions
 
     def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         model = ctx.model
@@ -68,7 +95,7 @@ class SynFlowScorer(Scorer):
             state[name] = v
         for name, b in model.named_buffers():
             state[name] = b.abs().double() if b.is_floating_point() else b
-        kwargs, plain = _ones_input(ctx)
+        kwargs, plain = _ones_input(ctx, self.options)
         with torch.enable_grad():
             if plain:
                 out = functional_call(model, state, (kwargs["x"],))

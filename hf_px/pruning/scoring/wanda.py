@@ -7,21 +7,36 @@ its feature axis is 0. Conv2d (plain networks) uses the per-input-channel norm o
 The paper compares weights within each output row, and so does the default here: under the loop's global
 threshold each alive weight is scored by its rank inside its row divided by the row's alive count, so every row
 loses about the same fraction, up to ties across rows (exact per-row sparsity is approximated, not guaranteed).
-``PruneConfig(extra={"wanda_per_row": False})`` ranks |W|·‖X‖ globally instead.
+``PruneConfig(method="wanda", options={"per_row": False})`` ranks |W|·‖X‖ globally instead.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ...registry import is_transposed
 from ..targets import is_transformers_model
-from .base import Scorer, ScoringContext, all_reduce_sum, model_inputs, register_scorer
+from .base import Options, Scorer, ScoringContext, all_reduce_sum, model_inputs, register_scorer
 from .ntk_diag import plain_input
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # transformers' GPT-2 layer: weight (in, out)
+@dataclass
+class WandaOptions(Options):
+    """Wanda's options.
+
+    Args:
+        per_row: rank each weight within its output row, as the paper does (True), or |W|·‖X‖ over the whole
+            model under the global threshold (False).
+    """
+
+    per_row: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.per_row, bool):
+            raise ValueError(f"per_row must be true or false, got {self.per_row!r}.")
 
 
 def input_sq_norms(ctx: ScoringContext) -> dict[int, torch.Tensor]:
@@ -64,7 +79,7 @@ def input_sq_norms(ctx: ScoringContext) -> dict[int, torch.Tensor]:
 
 def _feature_scale(module: nn.Module, norms: torch.Tensor) -> torch.Tensor:
     """‖X_j‖ broadcast to the weight's shape."""
-    if _is_conv1d(module):
+    if is_transposed(module):
         return norms[:, None]
     if isinstance(module, nn.Conv2d):
         return norms[None, :, None, None]
@@ -90,18 +105,20 @@ class WandaScorer(Scorer):
     """Wanda: |W|·‖X_j‖₂ per input feature from one calibration pass; per output row (global as an option)."""
 
     method = "wanda"
-    description = "|W|·‖X_j‖₂ per input feature, ranked per output row (Wanda, Sun et al. 2024); extra wanda_per_row=False: global"
+    description = "|W|·‖X_j‖₂ per input feature, ranked per output row (Wanda, Sun et al. 2024); per_row=False: global"
+    options_class = WandaOptions
+    options: WandaOptions
 
     def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         norms = {k: v.sqrt() for k, v in input_sq_norms(ctx).items()}
         owner = {id(m.weight): m for m in ctx.model.modules() if id(getattr(m, "weight", None)) in norms}
-        per_row = bool(ctx.config.extra.get("wanda_per_row", True))
+        per_row = self.options.per_row
         out = {}
         for t in ctx.targets:
             module = owner[id(t.param)]
             full = t.param.detach().double().abs() * _feature_scale(module, norms[id(t.param)])
             s = t.view(full)
             if per_row:
-                s = _row_ranks(s, t.view(ctx.masks[t.param_name]), 1 if _is_conv1d(module) else 0)
+                s = _row_ranks(s, t.view(ctx.masks[t.param_name]), 1 if is_transposed(module) else 0)
             out[t.key] = s
         return out
