@@ -93,13 +93,13 @@ def test_library_errors_name_config_keys_and_the_cli_names_flags(tiny_ckpt, csv_
 
 
 def test_a_bug_shows_its_traceback_and_is_not_exit_2(tiny_ckpt, csv_data, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import hf_px.pipeline.runner as runner
+    from hf_px.pipeline import table
 
     def broken(ctx, tmp, summary):
         raise KeyError("an internal bug")
 
-    stages = tuple(dataclasses.replace(s, work=broken) if s.name == "calibrate" else s for s in runner.STAGES)
-    monkeypatch.setattr(runner, "STAGES", stages)
+    stages = tuple(dataclasses.replace(s, work=broken) if s.name == "calibrate" else s for s in table.STAGES)
+    monkeypatch.setattr(table, "STAGES", stages)
     rc = main(["prune", "--model", str(tiny_ckpt), "--dataset", str(csv_data), "--text-column", "review",
                "--output-dir", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err

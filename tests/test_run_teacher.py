@@ -98,3 +98,27 @@ def test_a_teacher_checkpoint_for_other_labels_is_refused_before_anything_runs(t
     with pytest.raises(ConfigError, match="3 labels but the data have 2"):
         hf_px.run(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_new_stage_is_one_entry_in_the_stage_table(tmp_path, monkeypatch):
+    from hf_px.pipeline import table
+
+    def count_words(ctx, tmp, summary):  # reads the calibration stage's output, writes its own file
+        batches = (ctx.stage_path("calibrate") / "batches.safetensors").stat().st_size
+        (tmp / "count.json").write_text(json.dumps({"calibration_bytes": batches}))
+        summary.update(calibration_bytes=batches)
+
+    extra = table.StageSpec("count", count_words, inputs=lambda d: d["data"]["per_class"])
+    stages = list(table.STAGES)
+    stages.insert([s.name for s in stages].index("calibrate") + 1, extra)
+    monkeypatch.setattr(table, "STAGES", tuple(stages))
+    out = tmp_path / "run"
+    cfg = tiny_config(out, pcn=None, prune={"method": "magnitude", "sparsity": 0.5, "rounds": 1},
+                      finetune={"max_steps": 1, "batch_size": 16, "progress_bar": False})
+    first = hf_px.run(cfg, progress=False)
+    assert first.stages["count"] == "ran" and (out / "02-count" / "count.json").is_file()
+    assert _summary(out, "02-count")["calibration_bytes"] > 0
+    assert (out / "03-pcn").exists() is False and (out / "04-prune").is_dir()  # later stages shift by one
+    again = hf_px.run(cfg, progress=False)
+    assert again.stages["count"] == "skipped"
+    assert hf_px.run(cfg, progress=False, overrides={"data.per_class": 4}).stages["count"] == "ran"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..pipeline.config import TASKS
-from ..pipeline.table import FOLDERS
+from ..pipeline.table import folders
 from ..pruning.scoring import SCORERS
 from .flags import ConfigHelpFormatter, add_flags, discard, flag, run_stages
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     folder = result.model_dir
     print(f"\nsaved the pruned checkpoint to {folder} (report in {Path(folder) / 'hf_px.json'})")
-    push = result.output_dir / FOLDERS["push"] / "push.json"
+    push = result.output_dir / folders()["push"] / "push.json"
     if push.exists():
         print(f"pushed to {json.loads(push.read_text())['url']}")
     discard(result)

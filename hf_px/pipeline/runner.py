@@ -25,11 +25,12 @@ from typing import Any
 from ..errors import HfPxError
 from ..folders import RUN_MARKER, FolderLockedError, folder_lock
 from ..registry import UnsupportedArchitectureError
+from . import table
 from .checks import check_run
 from .config import ConfigError, RunConfig
 from .context import Context
 from .stages import Stage, clean_leftovers, copy_tree, fingerprint, write_json_atomic
-from .table import FOLDERS, STAGES, StageSpec
+from .table import StageSpec
 
 
 class RunError(HfPxError, RuntimeError):
@@ -145,19 +146,20 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
 
     # stages switched off keep their folders from earlier configs: nothing of this run reads them (they are not
     # in ctx.stages) and a later run that switches them back on re-uses or redoes them by fingerprint
-    off = [spec.name for spec in STAGES if not spec.enabled(cfg)]
+    stages = table.STAGES  # read at run time: the table is the one place that lists stages
+    off = [spec.name for spec in stages if not spec.enabled(cfg)]
     if is_main:
         clean_leftovers(root)
         write_json_atomic(root / RUN_MARKER, {"config": cfg.to_dict(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                               "world_size": world, "stages_off": off})
     barrier()
-    ctx = Context(cfg=cfg, plan=plan, root=root, folders=FOLDERS, progress=progress, is_main=is_main)
+    ctx = Context(cfg=cfg, plan=plan, root=root, folders=table.folders(stages), progress=progress, is_main=is_main)
     config_values = cfg.to_dict()
     status: dict[str, str] = {}
     upstream: list[str] = []
     current = None
     try:
-        for spec in STAGES:
+        for spec in stages:
             name = current = spec.name
             if name in off:
                 status[name] = "off"
@@ -184,7 +186,8 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
         if is_main:
             print(f"\n[hf-px run] interrupted during stage {current!r}. Completed stages are kept in {root}; nothing "
                   "half-written was left. Run the same command again to resume"
-                  + (" (fine-tuning continues from its last checkpoint)." if current in _RESUMABLE else "."),
+                  + (" (fine-tuning continues from its last checkpoint)."
+                     if any(s.resumable and s.name == current for s in stages) else "."),
                   file=sys.stderr, flush=True)
         raise
     except UnsupportedArchitectureError as err:  # the registry's refusal (PCN, pruning) is the input's, not a bug
@@ -203,9 +206,6 @@ def _run_locked(cfg: RunConfig, plan: Any, root: Path, state: Any, is_main: bool
     if cfg.output.model_dir is not None and is_main:
         model_dir = publish(model_dir, Path(cfg.output.model_dir))
     return RunResult(output_dir=root, stages=status, report=report, model_dir=model_dir if model_dir.exists() else None, is_main_process=is_main)
-
-
-_RESUMABLE = {spec.name for spec in STAGES if spec.resumable}
 
 
 def publish(src: Path, dst: Path) -> Path:

@@ -75,4 +75,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("card", steps.card, inputs=lambda d: d["push"]["hub_model_id"]),
     StageSpec("push", steps.push, lambda cfg: cfg.push.enabled, lambda d: d["push"]),
 )
-FOLDERS = {spec.name: f"{i:02d}-{spec.name}" for i, spec in enumerate(STAGES)}
+
+
+def folders(stages: tuple[StageSpec, ...] | None = None) -> dict[str, str]:
+    """Stage name -> its folder under the run directory, numbered by its place in the run order."""
+    return {spec.name: f"{i:02d}-{spec.name}" for i, spec in enumerate(STAGES if stages is None else stages)}
