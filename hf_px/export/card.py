@@ -9,15 +9,15 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import re
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .hub import REPO_ID
+
 DEFAULT_TEMPLATE = pathlib.Path(__file__).resolve().parents[2] / "model_cards" / "default.md"
 TAGS = ["pruned", "sparse", "px", "pcn", "hf-px"]
 REPO_PLACEHOLDER = "path/or/repo-id"
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 FORMAT_NOTES = {
     "dense": "standard `model.safetensors` with the pruned weights stored as zeros; stock "
     "`transformers` loads it, `hf-px` is not needed.",
@@ -150,7 +150,7 @@ def build_card(
     if not template.exists():
         raise FileNotFoundError(f"model card template {template} not found; pass template_path=.")
     base_model = base_model or report.get("base_model")
-    hub_base = base_model if base_model and _HUB_ID.match(base_model) and not os.path.exists(base_model) else None
+    hub_base = base_model if base_model and REPO_ID.match(base_model) and not os.path.exists(base_model) else None
     license = license or base_model_license(base_model)
     calibration = report.get("calibration") or {}
     dataset = dataset or calibration.get("dataset")

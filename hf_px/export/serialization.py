@@ -19,7 +19,6 @@ import copy
 import json
 import os
 import pathlib
-import re
 import shutil
 import uuid
 import warnings
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint_files import CheckpointFileError, check_checkpoint_files, weight_files
+from .hub import REPO_ID
 from .sparse_format import (
     LAYOUT_DOC,
     Expected,
@@ -228,7 +228,6 @@ def save_pretrained(
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 _LOADING_KWARGS = {"dtype", "torch_dtype", "device_map", "attn_implementation", "experts_implementation",
                    "max_memory", "trust_remote_code", "output_loading_info", "key_mapping", "tp_plan"}
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def _local_folder(path_or_repo_id: str | os.PathLike, kwargs: dict) -> pathlib.Path:
@@ -236,7 +235,7 @@ def _local_folder(path_or_repo_id: str | os.PathLike, kwargs: dict) -> pathlib.P
     hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
     if path.is_dir():
         return path
-    if path.exists() or not _REPO_ID.match(str(path_or_repo_id)):
+    if path.exists() or not REPO_ID.match(str(path_or_repo_id)):
         raise FileNotFoundError(f"'{path_or_repo_id}' is not a checkpoint folder (nor a Hub repo id like 'user/name').")
     from huggingface_hub import snapshot_download
 
