@@ -10,16 +10,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from tiny_models import save_tiny_checkpoint
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
 )
 
 import hf_px
 from hf_px.cli import main
-from hf_px.commands.demo import minilm_path
 from hf_px.data import load_dataset_any
 from hf_px.data.labels import encode_labels, infer_num_labels
 
@@ -31,14 +29,7 @@ NEG = [f"a dull cold film number {i}" for i in range(8)]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ckpt") / "bert"
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "bert")
 
 
 @pytest.fixture(autouse=True)

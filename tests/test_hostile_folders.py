@@ -21,12 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_models import tiny, tiny_batches
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from tiny_models import save_tiny_checkpoint, tiny, tiny_batches
 
 import hf_px
 from hf_px.cli import main
-from hf_px.commands.demo import minilm_path
 from hf_px.folders import folder_lock
 from hf_px.pipeline import ConfigError, RunConfig
 from hf_px.pipeline import run as run_pipeline
@@ -53,14 +51,7 @@ def one_line(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ckpt") / "bert"
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=64, num_labels=2)
-                                  ).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "bert")
 
 
 @pytest.fixture

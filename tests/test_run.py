@@ -137,16 +137,9 @@ def test_rerun_skips_complete_stages_and_redoes_what_changed(tmp_path):
 
 
 def test_pipeline_from_a_local_checkpoint_folder(tmp_path):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from tiny_models import save_tiny_checkpoint
 
-    from hf_px.commands.demo import minilm_path
-
-    src = tmp_path / "ckpt"
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(src)
-    tok.save_pretrained(src)
+    src = save_tiny_checkpoint(tmp_path / "ckpt")
     cfg = tiny_config(tmp_path / "run", model={"name_or_path": str(src)}, pcn=None,
                       finetune=None, output={"output_dir": str(tmp_path / "run"), "format": "sparse"})
     result = run_pipeline(cfg, progress=False)

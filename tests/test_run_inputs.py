@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config
+from tiny_models import save_tiny_checkpoint
+from transformers import BertForSequenceClassification, GPT2Config
 
-from hf_px.commands.demo import minilm_path
 from hf_px.pipeline import ConfigError, RunConfig
 from hf_px.pipeline import run as run_pipeline
 from hf_px.pipeline.checks import check_run
@@ -21,14 +21,7 @@ pytestmark = pytest.mark.slow  # the tokenizer comes from the packaged MiniLM
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ckpt") / "bert"
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "bert")
 
 
 def write_csv(path: Path, rows: list[tuple], header: str = "text,label") -> str:

@@ -72,3 +72,18 @@ def tiny_batches(model: torch.nn.Module, n_batches: int = 2, batch: int = 4, len
             mask[0, length - 3:] = 0
         out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.arange(batch) % 2})
     return out
+
+
+def save_tiny_checkpoint(folder):
+    """A tiny random 2-label BERT with the packaged MiniLM's tokenizer, saved to ``folder`` like a Hub checkpoint."""
+    from transformers import AutoTokenizer
+
+    from hf_px.commands.demo import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=2)
+                                  ).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
