@@ -26,6 +26,7 @@ __all__ = [
     "DistillConfig",
     "FinetuneConfig",
     "FinetuneOutput",
+    "GradualConfig",
     "GraspOptions",
     "HfPxError",
     "NTKDiagOptions",
@@ -91,6 +92,7 @@ _SOURCES = {
     "FinetuneOutput": "finetuning.loop",
     "evaluate": "finetuning.evaluation",
     "DistillConfig": "finetuning.distill",
+    "GradualConfig": "finetuning.gradual",
     "apply_lora": "finetuning.lora",
     "merge_lora": "finetuning.lora",
     "load_metric": "finetuning.metrics",
@@ -113,6 +115,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
     from .export.sparse_inference import sparsify_for_cpu
     from .finetuning.distill import DistillConfig
     from .finetuning.evaluation import evaluate
+    from .finetuning.gradual import GradualConfig
     from .finetuning.loop import FinetuneOutput, finetune
     from .finetuning.lora import apply_lora, merge_lora
     from .finetuning.metrics import load_metric

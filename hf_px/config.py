@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .finetuning.distill import DistillConfig
+    from .finetuning.gradual import GradualConfig
 
 # each round re-scores the whole model, so even 1,000 rounds take hours on a large checkpoint; the cap keeps a
 # typo (1e9) from running for ever
@@ -149,6 +150,8 @@ class FinetuneConfig:
         freeze_embeddings: keep the input embeddings (word/position/token-type; ViT patch/position) fixed: no
             gradient and no AdamW state (``hf_px.finetuning.optim.embedding_parameters`` lists them).
         distill: a :class:`hf_px.DistillConfig` to learn from a dense teacher as well as the labels (None: off).
+        gradual: a :class:`hf_px.GradualConfig` to keep pruning while training, on a cubic schedule up to its final
+            sparsity (None: the masks stay as given).
 
     Example:
         >>> FinetuneConfig(epochs=3, peft="lora").lora_r
@@ -185,6 +188,7 @@ class FinetuneConfig:
     progress_bar: bool = True
     freeze_embeddings: bool = False
     distill: DistillConfig | None = None
+    gradual: GradualConfig | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -236,9 +240,14 @@ class FinetuneConfig:
             raise ValueError("save_every needs output_dir (checkpoints go to output_dir/checkpoints/step_N).")
         if self.resume and not self.output_dir:
             raise ValueError("resume=True needs output_dir, the folder of the interrupted run.")
+        if isinstance(self.gradual, dict):
+            from .finetuning.gradual import GradualConfig
+
+            self.gradual = GradualConfig(**self.gradual)
 
     def to_dict(self) -> dict[str, Any]:
         # asdict would deep-copy a teacher module held by distill
-        out = asdict(replace(self, distill=None))
+        out = asdict(replace(self, distill=None, gradual=None))
         out["distill"] = self.distill.to_dict() if hasattr(self.distill, "to_dict") else self.distill
+        out["gradual"] = self.gradual.to_dict() if self.gradual is not None else None
         return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,6 +40,7 @@ from hf_px.config import FinetuneConfig
 from hf_px.data import calibration_batches
 from hf_px.export.serialization import load, save_pretrained
 from hf_px.finetuning.distill import DistillConfig
+from hf_px.finetuning.gradual import GradualConfig
 from hf_px.finetuning.loop import finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, also when imported from a test
@@ -50,6 +52,7 @@ SOURCES = ("pretrained", "teacher")
 # what a record's numbers depend on besides its cell: a recipe name must always mean the same values
 RECIPE_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length", "per_class",
                "rounds", "temperature", "alpha", "freeze_embeddings")
+GRADUAL_KEYS = ("initial_sparsity", "gradual_every", "gradual_end")
 TEACHER_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length")
 CELL_KEYS = ("dataset", "source", "recipe", "method", "sparsity", "seed")
 
@@ -83,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=10, help="pruning rounds (the same for every method)")
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
     p.add_argument("--alpha", type=float, default=0.5, help="share of the distillation term (0: labels only)")
+    p.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
+                   help="oneshot: prune to the sparsity, then fine-tune with fixed masks; gradual: prune to "
+                   "--initial-sparsity, then keep pruning while fine-tuning on the cubic schedule (hf_px.GradualConfig)")
+    p.add_argument("--initial-sparsity", type=float, default=0.0, help="gradual: sparsity of the first pruning step")
+    p.add_argument("--gradual-every", type=int, default=5, help="gradual: optimizer steps between pruning steps")
+    p.add_argument("--gradual-end", type=float, default=0.7,
+                   help="gradual: fraction of the steps at which the final sparsity is reached")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the pruned model's input embeddings fixed while it is fine-tuned (not the teacher's)")
     p.add_argument("--threads", type=int, default=1,
@@ -95,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in RECIPE_KEYS}
+    params = {k: getattr(args, k) for k in RECIPE_KEYS}
+    params["schedule"] = args.schedule
+    if args.schedule == "gradual":
+        params.update({k: getattr(args, k) for k in GRADUAL_KEYS})
+    return params
 
 
 def cell_key(record: dict[str, Any]) -> tuple:
@@ -108,16 +122,19 @@ def check_recipe(records: Iterable[dict[str, Any]], args: argparse.Namespace) ->
     mine = recipe_params(args)
     for r in records:
         if r["recipe"] == args.recipe:
-            diff = {k: (r.get(k), v) for k, v in mine.items() if r.get(k) != v}
+            # records from before --schedule existed were one-shot
+            diff = {k: (r.get(k, "oneshot" if k == "schedule" else None), v) for k, v in mine.items()
+                    if r.get(k, "oneshot" if k == "schedule" else None) != v}
             if diff:
                 raise SystemExit(f"recipe {args.recipe!r} in {args.out} was run with other settings "
                                  f"(recorded, now): {diff}; choose another --recipe name.")
 
 
-def finetune_config(args: argparse.Namespace, seed: int, distill: DistillConfig | None = None) -> FinetuneConfig:
+def finetune_config(args: argparse.Namespace, seed: int, distill: DistillConfig | None = None,
+                    gradual: GradualConfig | None = None) -> FinetuneConfig:
     return FinetuneConfig(epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                           max_length=args.max_length, seed=seed, eval_batch_size=64, progress_bar=False,
-                          log_every=50, metrics=("accuracy",), distill=distill,
+                          log_every=50, metrics=("accuracy",), distill=distill, gradual=gradual,
                           freeze_embeddings=args.freeze_embeddings and distill is not None)
 
 
@@ -158,15 +175,25 @@ def run_cell(args: argparse.Namespace, dataset: str, method: str, sparsity: floa
     model = copy.deepcopy(teacher).requires_grad_(True) if args.source == "teacher" else pretrained(seed)
     batches = calibration_batches(train, tokenizer, per_class=args.per_class, batch_size=16,
                                   max_length=args.max_length, seed=seed)
-    result = hf_px.prune(model, batches, prune_config(method, sparsity=sparsity, rounds=args.rounds, seed=seed),
-                         progress=False)
+    final = prune_config(method, sparsity=sparsity, rounds=args.rounds, seed=seed)
+    gradual = None
+    if args.schedule == "gradual":
+        # one-shot to the starting sparsity (if any), the rest while fine-tuning on the same calibration batches
+        gradual = GradualConfig(prune=final, initial_sparsity=args.initial_sparsity, every=args.gradual_every,
+                                end=args.gradual_end)
+        first = dataclasses.replace(final, sparsity=args.initial_sparsity)
+        result = hf_px.prune(model, batches, first, progress=False) if args.initial_sparsity > 0 else model
+    else:
+        result = hf_px.prune(model, batches, final, progress=False)
     prune_s = time.perf_counter() - wall
     distill = DistillConfig(teacher=teacher, temperature=args.temperature, alpha=args.alpha)
-    out = finetune(result, train, ev, finetune_config(args, seed, distill), tokenizer=tokenizer)
+    out = finetune(result, train, ev, finetune_config(args, seed, distill, gradual), tokenizer=tokenizer,
+                   calibration=batches if gradual is not None else None)
     accuracy, dense_accuracy = float(out.metrics["eval_accuracy"]), teacher_info["dense_accuracy"]
     return {"dataset": dataset, "source": args.source, "recipe": args.recipe, "method": method,
             "sparsity": sparsity, "seed": seed, "accuracy": accuracy, "dense_accuracy": dense_accuracy,
-            "retained": accuracy / dense_accuracy, "achieved_sparsity": result.report["achieved_sparsity"],
+            "retained": accuracy / dense_accuracy, "achieved_sparsity": (1.0 - out.sparsity["density_after"]) if gradual is not None
+            else result.report["achieved_sparsity"],
             **recipe_params(args), "data_source": teacher_info["data_source"], "train_examples": len(train),
             "eval_examples": len(ev),
             "prune_wall_s": prune_s, "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,

@@ -175,3 +175,19 @@ def test_dataset_sources(bench, tmp_path):
     assert bench.dataset_source("sst2", str(tmp_path)) == (str(tmp_path), None)  # a local copy is read as it is
     with pytest.raises(SystemExit, match="unknown dataset"):
         bench.dataset_source("imdb", "glue:sst2")
+
+
+def test_gradual_cell_reaches_the_sparsity_while_fine_tuning(bench, tokenizer, splits, tmp_path):
+    args = _args(bench, tmp_path, "--schedule", "gradual", "--initial-sparsity", "0.2", "--gradual-every", "1",
+                 "--gradual-end", "0.5", "--steps", "4")
+    data = splits["toy"]
+    teacher, info = bench.get_teacher(args, "toy", "in-memory", 0, data, tokenizer, _pretrained)
+    rec = bench.run_cell(args, "toy", "px", 0.5, 0, data, tokenizer, _pretrained, teacher, info)
+    assert (rec["schedule"], rec["initial_sparsity"], rec["gradual_every"], rec["gradual_end"]) == (
+        "gradual", 0.2, 1, 0.5)
+    assert rec["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(SystemExit, match="schedule"):  # a one-shot run cannot reuse the gradual recipe's name
+        bench.check_recipe([{"recipe": "toy", **bench.recipe_params(args)}], _args(bench, tmp_path))
+    old = {"recipe": "toy", **bench.recipe_params(_args(bench, tmp_path))}
+    del old["schedule"]  # records written before --schedule existed count as one-shot
+    bench.check_recipe([old], _args(bench, tmp_path))

@@ -77,6 +77,7 @@ def finetune(
     masks: dict[str, torch.Tensor] | None = None,
     accelerator: Any = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    calibration: list[dict[str, torch.Tensor]] | None = None,
 ) -> FinetuneOutput:
     """Fine-tune a pruned model with its masks held fixed.
 
@@ -90,6 +91,8 @@ def finetune(
         accelerator: an ``accelerate.Accelerator`` to use; default: one built from ``config``.
         on_step: called after every optimizer step as ``on_step(step, record)`` on every process (custom
             logging, early stop by raising).
+        calibration: batches that ``config.gradual`` scores at every pruning step (e.g. the ones
+            ``hf_px.prune`` used); default: ``config.gradual.calibration_batches`` seeded training batches.
 
     Returns:
         A :class:`FinetuneOutput`.
@@ -105,6 +108,11 @@ def finetune(
 
     model, result_masks, tokenizer = _unpack(model_or_result, tokenizer)
     masks = fixed_masks.resolve_masks(model, result_masks, masks)
+    if config.gradual is not None and config.peft:
+        raise ConfigError("gradual pruning cannot run with peft='lora' (the adapters' delta is masked by fixed "
+                          "masks); prune one-shot before LoRA fine-tuning, or fine-tune all weights.")
+    if config.gradual is not None:
+        masks = {n: m.clone() for n, m in masks.items()}  # tightened in place: leave the caller's masks alone
     task = task_of(model)
     metric_names = config.metrics or (("perplexity",) if task is Task.CAUSAL_LM else ("accuracy",))
     own_accelerator = accelerator is None
@@ -155,6 +163,12 @@ def finetune(
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     # not prepared: Accelerate's scheduler wrapper would step once per process
     scheduler = optim.linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    pruner = None
+    if config.gradual is not None:
+        pruner = _gradual_pruner(config, accelerator, model, masks, calibration, train_ds, collate, total_steps)
+        train_masks = dict(masks)  # the pruner adds masks for prunable weights that had none
+        kept_before = sum(int(m.sum()) for m in masks.values())
+        total_masked = sum(m.numel() for m in masks.values())
     pairs = fixed_masks.bind_masks(model, train_masks)
     fixed_masks.reapply_masks(pairs)
 
@@ -175,7 +189,12 @@ def finetune(
                           stacklevel=2)
         else:
             state, saved_masks = outputs.load_checkpoint_meta(resumed_from)
-            if set(saved_masks) != set(masks) or any(not torch.equal(saved_masks[n], masks[n]) for n in masks):
+            if pruner is not None and set(saved_masks) == set(masks) and all(
+                    not bool((saved_masks[n] & ~masks[n]).any()) for n in masks):
+                for n in masks:  # gradual pruning has gone further since the start: continue from the saved masks
+                    masks[n].copy_(saved_masks[n])
+                pairs = fixed_masks.bind_masks(model, train_masks)
+            elif set(saved_masks) != set(masks) or any(not torch.equal(saved_masks[n], masks[n]) for n in masks):
                 raise ConfigError(f"the masks of {resumed_from} differ from this model's masks: resume with the same "
                                   "pruned model, or start a fresh run (set finetune.resume: false or choose another "
                                   "finetune.output_dir).")
@@ -210,6 +229,16 @@ def finetune(
         last_eval[0] = global_step
         return res
 
+    def prune_if_due() -> None:
+        nonlocal pairs
+        if pruner is None or not pruner.due(global_step) or any(r["step"] == global_step for r in pruner.records):
+            return
+        log_record(pruner.prune_step(global_step))
+        pairs = fixed_masks.bind_masks(model, train_masks)  # off-CPU masks are copies: bind the new ones
+        fixed_masks.reapply_masks(pairs)
+
+    if pruner is not None and not resumed_from:
+        prune_if_due()  # a schedule starting at step 0 prunes before the first update
     model.train()
     final_metrics: dict[str, float] = {}
     for epoch in range(start_epoch, num_epochs):
@@ -239,6 +268,7 @@ def finetune(
             scheduler.step()
             global_step += 1
             bar.update(1)
+            prune_if_due()
             record = {"step": global_step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
             if global_step % config.log_every == 0 or global_step == total_steps:
                 mean_loss = accelerator.reduce(loss_sum / max(loss_n, 1), reduction="mean")
@@ -280,8 +310,26 @@ def finetune(
                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "task": task,
                 "distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision},
     )
+    if pruner is not None:
+        output.extras["gradual"] = [r for r in history if r.get("event") == "prune"]
     if out_dir:
         outputs.save_outputs(accelerator, output, config, masks if final_model_masks else None, tokenizer)
     if own_accelerator and accelerator.log_with:
         accelerator.end_training()
     return output
+
+
+def _gradual_pruner(config: FinetuneConfig, accelerator: Any, model: nn.Module, masks: dict[str, torch.Tensor],
+                    calibration: list | None, train_ds: Any, collate: Any, total_steps: int) -> Any:
+    from accelerate.utils import DistributedType
+
+    from .gradual import GradualPruner, calibration_from
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("gradual pruning does not run under FSDP yet (scores need whole parameters); prune "
+                          "one-shot with hf_px.prune before an FSDP fine-tune, or use DDP.")
+    gradual = config.gradual
+    if calibration is None:
+        calibration = calibration_from(train_ds, collate, gradual.calibration_batches, config.batch_size, config.seed)
+    batches = [{k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in calibration]
+    return GradualPruner(gradual, accelerator.unwrap_model(model), masks, batches, total_steps)
