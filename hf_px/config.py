@@ -147,6 +147,8 @@ class FinetuneConfig:
         max_length, text_column, label_column: how raw datasets are tokenized.
         log_with: "jsonl" (always written when ``output_dir`` is set) and/or "tensorboard" (if installed).
         progress_bar: tqdm bar on the main process.
+        group_by_length: batch examples of similar length together (seeded windows of 50 batches sorted by
+            length, batch order shuffled), so dynamic padding pads little; text datasets only.
         freeze_embeddings: keep the input embeddings (word/position/token-type; ViT patch/position) fixed: no
             gradient and no AdamW state (``hf_px.finetuning.optim.embedding_parameters`` lists them).
         distill: a :class:`hf_px.DistillConfig` to learn from a dense teacher as well as the labels (None: off).
@@ -186,6 +188,7 @@ class FinetuneConfig:
     label_column: str = "label"
     log_with: tuple[str, ...] = ("jsonl",)
     progress_bar: bool = True
+    group_by_length: bool = False
     freeze_embeddings: bool = False
     distill: DistillConfig | None = None
     gradual: GradualConfig | None = None

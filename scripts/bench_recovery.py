@@ -52,6 +52,8 @@ SOURCES = ("pretrained", "teacher")
 # what a record's numbers depend on besides its cell: a recipe name must always mean the same values
 RECIPE_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length", "per_class",
                "rounds", "temperature", "alpha", "freeze_embeddings")
+# recipe settings added after the first records: what the records without them were run with
+LATER_KEYS = {"schedule": "oneshot", "group_by_length": False}
 GRADUAL_KEYS = ("initial_sparsity", "gradual_every", "gradual_end")
 TEACHER_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length")
 CELL_KEYS = ("dataset", "source", "recipe", "method", "sparsity", "seed")
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradual-every", type=int, default=5, help="gradual: optimizer steps between pruning steps")
     p.add_argument("--gradual-end", type=float, default=0.7,
                    help="gradual: fraction of the steps at which the final sparsity is reached")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length together while the pruned model is fine-tuned "
+                   "(FinetuneConfig.group_by_length; the teacher is not, so it is shared with other recipes)")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="keep the pruned model's input embeddings fixed while it is fine-tuned (not the teacher's)")
     p.add_argument("--threads", type=int, default=1,
@@ -106,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
     params = {k: getattr(args, k) for k in RECIPE_KEYS}
-    params["schedule"] = args.schedule
+    params["schedule"], params["group_by_length"] = args.schedule, args.group_by_length
     if args.schedule == "gradual":
         params.update({k: getattr(args, k) for k in GRADUAL_KEYS})
     return params
@@ -122,9 +127,7 @@ def check_recipe(records: Iterable[dict[str, Any]], args: argparse.Namespace) ->
     mine = recipe_params(args)
     for r in records:
         if r["recipe"] == args.recipe:
-            # records from before --schedule existed were one-shot
-            diff = {k: (r.get(k, "oneshot" if k == "schedule" else None), v) for k, v in mine.items()
-                    if r.get(k, "oneshot" if k == "schedule" else None) != v}
+            diff = {k: (r.get(k, LATER_KEYS.get(k)), v) for k, v in mine.items() if r.get(k, LATER_KEYS.get(k)) != v}
             if diff:
                 raise SystemExit(f"recipe {args.recipe!r} in {args.out} was run with other settings "
                                  f"(recorded, now): {diff}; choose another --recipe name.")
@@ -135,6 +138,7 @@ def finetune_config(args: argparse.Namespace, seed: int, distill: DistillConfig 
     return FinetuneConfig(epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                           max_length=args.max_length, seed=seed, eval_batch_size=64, progress_bar=False,
                           log_every=50, metrics=("accuracy",), distill=distill, gradual=gradual,
+                          group_by_length=args.group_by_length and distill is not None,
                           freeze_embeddings=args.freeze_embeddings and distill is not None)
 
 

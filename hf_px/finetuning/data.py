@@ -142,3 +142,54 @@ def with_example_ids(dataset: Any) -> torch.utils.data.Dataset:
     same batches as for ``dataset`` itself.
     """
     return _WithExampleIds(dataset)
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """A seeded shuffle in which neighbouring ``batch_size`` slices hold examples of similar length.
+
+    Each epoch draws a random permutation, cuts it into windows of ``batch_size * window`` examples, sorts every
+    window by length and shuffles the order of the resulting batches. Padding then costs little (each batch is
+    padded to its own longest example) while the data order stays random at the scale of windows. The order is a
+    function of (seed, epoch) only, so every process and a resumed run see the same batches.
+
+    Example:
+        >>> s = LengthGroupedSampler([5, 1, 4, 2, 8, 3], batch_size=2, window=3, seed=0)
+        >>> batches = [sorted(list(s)[i:i + 2]) for i in range(0, 6, 2)]
+        >>> sorted(tuple(b) for b in batches)
+        [(0, 4), (1, 3), (2, 5)]
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, window: int = 50, seed: int = 0) -> None:
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        self.batch_size, self.window, self.seed, self.epoch = batch_size, window, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g)
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(perm), span):
+            chunk = perm[start:start + span]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches.extend(chunk.split(self.batch_size))
+        # a short batch stays last, so every other batch is full (what BatchSampler and the process shards expect)
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        order = torch.randperm(len(full), generator=g).tolist()
+        for b in [full[i] for i in order] + short:
+            yield from b.tolist()
+
+
+def sequence_lengths(dataset: Any) -> list[int]:
+    """Token count of every example of a tokenized dataset (its ``input_ids``)."""
+    names = getattr(dataset, "column_names", None) or []
+    if "input_ids" not in names:
+        raise ValueError("group_by_length needs tokenized text (an input_ids column); this dataset has "
+                         f"{', '.join(names) or 'no named columns'}. Turn group_by_length off for it.")
+    return [len(ids) for ids in dataset["input_ids"]]

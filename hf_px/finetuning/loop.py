@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..modeling import Task, task_of
 from . import evaluation, fixed_masks, optim, outputs
 from .accelerator import make_accelerator
-from .data import make_collate, prepare_datasets
+from .data import LengthGroupedSampler, make_collate, prepare_datasets, sequence_lengths
 
 
 @dataclass
@@ -137,13 +137,19 @@ def finetune(
 
     with accelerator.main_process_first():
         train_ds, eval_ds = prepare_datasets(train_dataset, eval_dataset, tokenizer, config, task, model)
+    lengths = sequence_lengths(train_ds) if config.group_by_length else None
     if distiller is not None:
         train_ds = distiller.wrap_dataset(train_ds)  # example ids key the teacher-logit cache
     collate = make_collate(tokenizer, model, task)
-    # a private generator: creating a data iterator must not draw from the global RNG that dropout uses,
-    # or a resumed run (which creates its iterator mid-epoch) would see different dropout masks
-    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
-                                           generator=torch.Generator().manual_seed(config.seed))
+    if lengths is not None:
+        sampler = LengthGroupedSampler(lengths, config.batch_size, seed=config.seed)
+        train_dl = torch.utils.data.DataLoader(train_ds, batch_size=config.batch_size, sampler=sampler,
+                                               collate_fn=collate)
+    else:
+        # a private generator: creating a data iterator must not draw from the global RNG that dropout uses,
+        # or a resumed run (which creates its iterator mid-epoch) would see different dropout masks
+        train_dl = torch.utils.data.DataLoader(train_ds, batch_size=config.batch_size, shuffle=True,
+                                               collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
     eval_dl = None
     if eval_ds is not None:
         eval_dl = torch.utils.data.DataLoader(eval_ds, batch_size=config.eval_batch_size or config.batch_size,
