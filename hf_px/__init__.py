@@ -44,6 +44,7 @@ __all__ = [
     "available_methods",
     "build_card",
     "calibration_batches",
+    "collapsed_blocks",
     "evaluate",
     "finetune",
     "load",
@@ -54,8 +55,12 @@ __all__ = [
     "merge_lora",
     "prune",
     "push_to_hub",
+    "rank_blocks",
+    "rank_heads",
     "register_architecture",
     "register_scorer",
+    "remove_blocks",
+    "remove_heads",
     "run",
     "save_pretrained",
     "sparsify_for_cpu",
@@ -92,6 +97,11 @@ _SOURCES = {
     "FinetuneOutput": "finetuning.loop",
     "evaluate": "finetuning.evaluation",
     "DistillConfig": "finetuning.distill",
+    "collapsed_blocks": "structure",
+    "rank_blocks": "structure",
+    "rank_heads": "structure",
+    "remove_blocks": "structure",
+    "remove_heads": "structure",
     "GradualConfig": "finetuning.gradual",
     "apply_lora": "finetuning.lora",
     "merge_lora": "finetuning.lora",
@@ -135,6 +145,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
         register_scorer,
     )
     from .registry import register_architecture, supported_architectures
+    from .structure import collapsed_blocks, rank_blocks, rank_heads, remove_blocks, remove_heads
 
 
 def __getattr__(name: str) -> Any:

@@ -111,6 +111,17 @@ class ArchSpec:
     model_types: tuple[str, ...] = ()  # config.model_type values of the family
     task: str | None = None  # task of a checkpoint whose config names no task class (None: sequence-classification)
     inputs: str = "input_ids"  # what the model reads: "input_ids" or "pixel_values"
+    # Structural removal (hf_px.structure). Config names are the standard transformers names; a config's
+    # attribute_map resolves them (GPT-2 stores num_hidden_layers as n_layer, DistilBERT as n_layers).
+    layers_attr: str = "num_hidden_layers"  # config field holding the number of blocks
+    residual_roles: tuple[str, ...] = ("o", "ffn_out")  # roles whose output is added to the residual stream
+    pre_norm: bool = False  # norms before each branch: a block whose residual writers are all zero is an identity
+    heads_attr: str = "num_attention_heads"  # config field holding the number of query heads
+    kv_heads_attr: str | None = None  # config field of the key/value head count (grouped-query attention)
+    head_dim_attr: str | None = None  # config field fixing the head size; None: hidden_size / heads (no fewer heads)
+    # called as reindex(block, old, new) after remove_blocks renumbers a block whose computation depends on its
+    # position (GPT-2's scale_attn_by_inverse_layer_idx); must leave the block computing what it computed before
+    reindex: Callable[[nn.Module, int, int], None] | None = None
 
     def block_modules(self, base: nn.Module) -> list[nn.Module]:
         return list(self.blocks(base))
@@ -125,6 +136,29 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 
 
 _QK_FOLLOW_VO = OffPathGroup(roles=("q", "k"), follows=("v", "o"))
+
+
+@torch.no_grad()
+def _gpt2_reindex(block: nn.Module, old: int, new: int) -> None:
+    """Keep a renumbered GPT-2 block's attention scores when they are divided by (layer_idx + 1).
+
+    The divisor is baked into ``attn.scaling`` at construction, and a reload builds it from the new index, so the
+    new scaling is set here and the queries are multiplied by (new + 1) / (old + 1) to cancel the change exactly
+    in exact arithmetic (the scores are bilinear in the queries).
+    """
+    for attn in block.modules():
+        if not isinstance(attn, _gpt2.GPT2Attention) or not attn.scale_attn_by_inverse_layer_idx or old == new:
+            continue
+        factor = (new + 1) / (old + 1)
+        if attn.is_cross_attention:
+            attn.q_attn.weight.mul_(factor)
+            attn.q_attn.bias.mul_(factor)
+        else:  # c_attn is Q|K|V along its output columns
+            attn.c_attn.weight[:, :attn.split_size].mul_(factor)
+            attn.c_attn.bias[:attn.split_size].mul_(factor)
+        scaling = attn.head_dim**-0.5 if attn.scale_attn_weights else 1.0  # as GPT2Attention.__init__ computes it
+        attn.scaling = scaling / float(new + 1)
+
 
 ARCHITECTURES: dict[str, ArchSpec] = {}
 
@@ -186,6 +220,8 @@ register_architecture(ArchSpec(
     activation="mlp.act",
     norms=("ln_1", "ln_2"),
     final_norm="ln_f",
+    pre_norm=True,
+    reindex=_gpt2_reindex,
     causal=True,
     off_path=(_QK_FOLLOW_VO,),
     heads=(HeadRef(_gpt2.GPT2ForSequenceClassification, "last", (("score", None),)),
@@ -208,6 +244,9 @@ register_architecture(ArchSpec(
     activation="mlp.act_fn",
     norms=("input_layernorm", "post_attention_layernorm"),
     final_norm="norm",
+    pre_norm=True,
+    kv_heads_attr="num_key_value_heads",
+    head_dim_attr="head_dim",
     gated_mlp=True,
     causal=True,
     norm_kind="rmsnorm",
@@ -231,6 +270,7 @@ register_architecture(ArchSpec(
     activation="mlp.activation_fn",
     norms=("layernorm_before", "layernorm_after"),
     final_norm="layernorm",
+    pre_norm=True,
     off_path=(_QK_FOLLOW_VO,),
     heads=(HeadRef(_vit.ViTForImageClassification, "first", (("classifier", None),)),),
     model_types=("vit",),
