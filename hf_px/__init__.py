@@ -29,6 +29,7 @@ __all__ = [
     "GradualConfig",
     "GraspOptions",
     "HfPxError",
+    "KernelReport",
     "NTKDiagOptions",
     "PCNConfig",
     "PCNReport",
@@ -44,7 +45,9 @@ __all__ = [
     "available_methods",
     "build_card",
     "calibration_batches",
+    "choose_kernels",
     "collapsed_blocks",
+    "densify",
     "evaluate",
     "finetune",
     "load",
@@ -97,6 +100,9 @@ _SOURCES = {
     "FinetuneOutput": "finetuning.loop",
     "evaluate": "finetuning.evaluation",
     "DistillConfig": "finetuning.distill",
+    "choose_kernels": "inference",
+    "KernelReport": "inference",
+    "densify": "inference",
     "collapsed_blocks": "structure",
     "rank_blocks": "structure",
     "rank_heads": "structure",
@@ -129,6 +135,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
     from .finetuning.loop import FinetuneOutput, finetune
     from .finetuning.lora import apply_lora, merge_lora
     from .finetuning.metrics import load_metric
+    from .inference import KernelReport, choose_kernels, densify
     from .modeling import load_model
     from .pcn import PCNConfig, PCNReport, apply_pcn
     from .pipeline import RunConfig, run

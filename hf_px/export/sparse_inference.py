@@ -1,68 +1,20 @@
 """Opt-in sparse CPU inference: run very sparse ``nn.Linear`` layers with ``torch.sparse`` CSR kernels.
 
-A CSR matmul only beats the dense BLAS kernel at high sparsity (roughly above 85-90% on CPU, depending on the
-shape and the thread count), so :func:`sparsify_for_cpu` times both kernels on each candidate layer and converts
-only the layers where CSR is faster. The result is for inference only: weights are frozen, outputs match the
-dense model up to float rounding (summation order differs), and ``save_pretrained`` needs :func:`densify` first.
+The kernels and the automatic choice live in :mod:`hf_px.inference` (:func:`hf_px.inference.choose_kernels`,
+used by ``hf_px.load(path, kernels="auto")``, decides per layer and checks that the whole model got faster).
+This module keeps the earlier per-layer entry point, :func:`sparsify_for_cpu`, and re-exports
+:class:`CSRLinear` and :func:`densify`.
 """
 
 from __future__ import annotations
 
-import time
-import warnings
-
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from ..inference.kernels import CSRLinear, densify, set_module
+from ..inference.timing import interleaved_median_ms
 
-class CSRLinear(nn.Module):
-    """``y = x Wᵀ + b`` with ``W`` stored as a CSR tensor (inference only)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        with warnings.catch_warnings():  # torch flags CSR support as beta on every conversion
-            warnings.simplefilter("ignore", UserWarning)
-            weight_csr = linear.weight.detach().to_sparse_csr()
-        self.register_buffer("weight_csr", weight_csr, persistent=False)
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).t()
-        if self.bias is None:
-            out = torch.mm(self.weight_csr, flat)
-        else:
-            out = torch.addmm(self.bias.unsqueeze(1), self.weight_csr, flat)
-        return out.t().reshape(*x.shape[:-1], self.out_features).contiguous()
-
-    def to_linear(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight_csr.to_dense())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
-    def extra_repr(self) -> str:
-        nnz = self.weight_csr.values().numel()
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
-
-
-def _best_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls allocate
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+__all__ = ["CSRLinear", "densify", "sparsify_for_cpu"]
 
 
 @torch.no_grad()
@@ -75,11 +27,14 @@ def sparsify_for_cpu(
 ) -> dict[str, dict]:
     """Replace, in place, the float32 ``nn.Linear`` layers of ``model`` where a CSR kernel is faster.
 
+    Layer by layer only, on ``tokens`` rows; :func:`hf_px.inference.choose_kernels` also times the whole model at
+    a real batch shape and reverts when the mix is not faster, and is the one to use for inference.
+
     Args:
         model: a pruned model (zeros in its weights), on CPU.
         min_sparsity: layers below this fraction of zeros are never converted.
         tokens: rows of the random input used to time each layer (batch size x sequence length).
-        repeats: timing repeats per kernel (the best time counts).
+        repeats: timing rounds per kernel (interleaved; the median counts).
         timing: ``False`` converts every layer at or above ``min_sparsity`` without timing.
 
     Returns:
@@ -106,18 +61,11 @@ def sparsify_for_cpu(
         entry: dict = {"sparsity": sparsity, "dense_ms": None, "csr_ms": None, "converted": True}
         if timing:
             x = torch.randn(tokens, module.in_features)
-            entry["dense_ms"] = _best_ms(lambda m=module, x=x: F.linear(x, m.weight, m.bias), repeats)
-            entry["csr_ms"] = _best_ms(lambda s=sparse, x=x: s(x), repeats)
+            fns = {"dense": lambda m=module, x=x: m(x), "sparse": lambda s=sparse, x=x: s(x)}
+            t = interleaved_median_ms(fns, repeats, name)
+            entry["dense_ms"], entry["csr_ms"] = t["dense"], t["sparse"]
             entry["converted"] = entry["csr_ms"] < entry["dense_ms"]
         if entry["converted"]:
-            _set(model, name, sparse)
+            set_module(model, name, sparse)
         report[name] = entry
     return report
-
-
-def densify(model: nn.Module) -> nn.Module:
-    """Undo :func:`sparsify_for_cpu` in place (e.g. before ``save_pretrained`` or training)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, CSRLinear):
-            _set(model, name, module.to_linear())
-    return model
