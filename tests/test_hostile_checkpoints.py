@@ -258,7 +258,7 @@ def test_pipeline_rerun_never_unpickles_its_work_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(tiny_config(out), progress=False)
     monkeypatch.setattr(U, "save_checkpoint", real_save)
-    ckpts = out / "04-finetune.work" / "checkpoints"
+    ckpts = out / "05-finetune.work" / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["step_2", "step_4"]
     _plant(ckpts / "step_2", marker)  # beside the real state
     for name in os.listdir(ckpts / "step_4"):  # instead of it
@@ -269,7 +269,7 @@ def test_pipeline_rerun_never_unpickles_its_work_folder(tmp_path, monkeypatch):
         resumed = run_pipeline(tiny_config(out), progress=False)
     assert not marker.exists()
     assert resumed.stages["finetune"] == "ran"
-    assert json.loads((out / "04-finetune" / "manifest.json").read_text())["summary"]["resumed_from"] == "step_2"
+    assert json.loads((out / "05-finetune" / "manifest.json").read_text())["summary"]["resumed_from"] == "step_2"
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2

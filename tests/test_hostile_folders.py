@@ -204,9 +204,9 @@ def test_run_refuses_an_output_folder_that_holds_the_input(work, tmp_path):
 def test_a_second_run_on_a_locked_folder_is_refused(work, tmp_path, capsys):
     model, data = work
     out = tmp_path / "run"
-    (out / ".03-prune.tmp-0123abcd").mkdir(parents=True)  # the first run's stage in progress
-    (out / ".03-prune.tmp-0123abcd" / "partial.bin").write_bytes(b"x")
-    (out / "04-finetune.work" / "checkpoints" / "step_2").mkdir(parents=True)
+    (out / ".04-prune.tmp-0123abcd").mkdir(parents=True)  # the first run's stage in progress
+    (out / ".04-prune.tmp-0123abcd" / "partial.bin").write_bytes(b"x")
+    (out / "05-finetune.work" / "checkpoints" / "step_2").mkdir(parents=True)
     (out / "run.json").write_text("{}")
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run_config(model, data, out)))
@@ -240,14 +240,14 @@ def test_switching_a_stage_off_keeps_the_earlier_runs_folders(tmp_path):
     cfg["output"]["output_dir"] = str(out)
     first = run_pipeline(cfg, progress=False)
     assert first.stages["prune"] == "ran"
-    pruned = snapshot(out / "03-prune")
+    pruned = snapshot(out / "04-prune")
     second_cfg = copy.deepcopy(cfg)
     second_cfg["prune"] = None
     second = run_pipeline(second_cfg, progress=False)
     assert second.stages["prune"] == "off" and second.stages["finetune"] == "ran"
     assert second.stages["calibrate"] == "skipped" and second.stages["pcn"] == "skipped"
-    assert snapshot(out / "03-prune") == pruned  # the earlier pruned model is still there, untouched
-    assert json.loads((out / "run.json").read_text())["stages_off"] == ["teacher", "prune", "push"]
+    assert snapshot(out / "04-prune") == pruned  # the earlier pruned model is still there, untouched
+    assert json.loads((out / "run.json").read_text())["stages_off"] == ["teacher", "shrink", "prune", "push"]
     # the fine-tuned model is the PCN model (narrow, dense), not the earlier pruned one
     final = hf_px.load(str(second.model_dir))
     assert final.config.intermediate_size == 32

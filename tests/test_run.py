@@ -63,11 +63,12 @@ def test_full_pipeline_through_the_test_hub(tmp_path, fake_hub):
     out = tmp_path / "run"
     cfg = tiny_config(out, push={"enabled": True, "hub_model_id": "tester/tiny-run"})
     result = hf_px.run(cfg, progress=False)
-    assert result.stages == {"teacher": "off", **{s: "ran" for s in ("calibrate", "pcn", "prune", "finetune",
-                                                                    "evaluate", "save", "report", "card", "push")}}
+    assert result.stages == {"teacher": "off", "shrink": "off",
+                             **{s: "ran" for s in ("calibrate", "pcn", "prune", "finetune", "evaluate", "save",
+                                                   "report", "card", "push")}}
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["01-calibrate", "02-pcn", "03-prune", "04-finetune", "05-evaluate", "06-save", "07-report",
-                     "08-card", "09-push", "report.json", "report.md", "run.json"]
+    assert names == ["01-calibrate", "02-pcn", "04-prune", "05-finetune", "06-evaluate", "07-save", "08-report",
+                     "09-card", "10-push", "report.json", "report.md", "run.json"]
     # every stage folder is covered by its manifest, hashes included
     for folder, man in manifests(out).items():
         files = {p.relative_to(out / folder).as_posix() for p in (out / folder).rglob("*") if p.is_file()}
@@ -82,7 +83,7 @@ def test_full_pipeline_through_the_test_hub(tmp_path, fake_hub):
     for plot in ("density", "pcn_variance", "curves", "sizes"):
         assert (out / report["plots"][plot]).stat().st_size > 1000
     md = (out / "report.md").read_text()
-    assert "## Pruning" in md and "07-report/plots/density.png" in md
+    assert "## Pruning" in md and "08-report/plots/density.png" in md
 
     final = result.model_dir
     card = (final / "README.md").read_text()
@@ -101,7 +102,7 @@ def test_full_pipeline_through_the_test_hub(tmp_path, fake_hub):
     again = hf_px.evaluate(model, plan.eval, AutoTokenizer.from_pretrained(final), max_length=24)
     assert again["eval_accuracy"] == pytest.approx(report["evaluate"]["eval_accuracy"])
     # the push went through the Hub protocol and the card downloads with the plots it links
-    push = json.loads((out / "09-push" / "push.json").read_text())
+    push = json.loads((out / "10-push" / "push.json").read_text())
     assert push["repo_id"] == "tester/tiny-run"
     assert ("model", "tester/tiny-run") in fake_hub.repos
     assert ModelCard.load("tester/tiny-run").data.pipeline_tag == "text-classification"
@@ -126,7 +127,7 @@ def test_rerun_skips_complete_stages_and_redoes_what_changed(tmp_path):
     assert all(third.stages[s] == "ran" for s in ("prune", "finetune", "evaluate", "save", "report", "card"))
     assert third.report["prune"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     # a damaged file makes its stage (and the ones after) run again; --force redoes all
-    weights = out / "03-prune" / "model" / "model.safetensors"
+    weights = out / "04-prune" / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -233,13 +234,13 @@ def test_interrupted_fine_tuning_resumes_to_the_same_result(tmp_path, monkeypatc
     monkeypatch.setattr(U, "save_checkpoint", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(tiny_config(out), progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["01-calibrate", "02-pcn", "03-prune", "04-finetune.work",
+    assert sorted(p.name for p in out.iterdir()) == ["01-calibrate", "02-pcn", "04-prune", "05-finetune.work",
                                                      "run.json"]
     monkeypatch.setattr(U, "save_checkpoint", real_save)
     resumed = run_pipeline(tiny_config(out), progress=False)
     assert resumed.stages["prune"] == "skipped" and resumed.stages["finetune"] == "ran"
-    assert json.loads((out / "04-finetune" / "manifest.json").read_text())["summary"]["resumed_from"] == "step_4"
-    assert not (out / "04-finetune.work").exists()
+    assert json.loads((out / "05-finetune" / "manifest.json").read_text())["summary"]["resumed_from"] == "step_4"
+    assert not (out / "05-finetune.work").exists()
     ref, got = _final_state(reference), _final_state(resumed)
     assert ref.keys() == got.keys()
     for k in ref:
@@ -255,7 +256,7 @@ def test_sigint_stops_cleanly_and_the_next_run_resumes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "hf_px", "run", str(path), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpts = out / "04-finetune.work" / "checkpoints"
+    ckpts = out / "05-finetune.work" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not any(ckpts.glob("step_*")):
         time.sleep(0.2)
@@ -264,10 +265,10 @@ def test_sigint_stops_cleanly_and_the_next_run_resumes(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted during stage 'finetune'" in err and "run the same command again" in err.lower()
-    assert not list(out.glob(".*tmp*")) and not (out / "04-finetune").exists()
+    assert not list(out.glob(".*tmp*")) and not (out / "05-finetune").exists()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((out / "04-finetune" / "manifest.json").read_text())["summary"]
+    summary = json.loads((out / "05-finetune" / "manifest.json").read_text())["summary"]
     assert summary["resumed_from"] is not None and summary["steps"] == 40 * 4
 
 
@@ -362,9 +363,9 @@ def test_accelerate_launch_runs_the_pipeline_on_two_processes(tmp_path):
     if proc.returncode != 0 and "terminate called" in proc.stderr + proc.stdout:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # gloo teardown
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ft = json.loads((out / "04-finetune" / "manifest.json").read_text())["summary"]
+    ft = json.loads((out / "05-finetune" / "manifest.json").read_text())["summary"]
     assert ft["world_size"] == 2
     assert ft["steps"] == 2 * 4  # 64 examples, 8 per rank and 2 ranks
     assert ft["sparsity"]["nonzero_after"] == ft["sparsity"]["kept_before"]
-    assert (out / "report.md").exists() and (out / "08-card" / "model" / "README.md").exists()
-    assert proc.stdout.count("[hf-px run] 03-prune: running") == 1  # the main process prunes, once
+    assert (out / "report.md").exists() and (out / "09-card" / "model" / "README.md").exists()
+    assert proc.stdout.count("[hf-px run] 04-prune: running") == 1  # the main process prunes, once

@@ -31,10 +31,10 @@ def test_teacher_is_the_baseline_the_distillation_source_and_what_is_pruned(tmp_
     result = hf_px.run(cfg, progress=False)
     assert result.stages["teacher"] == "ran" and result.stages["finetune"] == "ran"
     teacher = _summary(out, "00-teacher")
-    assert teacher["steps"] == _summary(out, "04-finetune")["steps"] > 0  # the same recipe
-    assert _summary(out, "04-finetune")["distilled_from"] == "00-teacher"
+    assert teacher["steps"] == _summary(out, "05-finetune")["steps"] > 0  # the same recipe
+    assert _summary(out, "05-finetune")["distilled_from"] == "00-teacher"
     # heads are never pruned: the pruned model's head is the teacher's trained head, not a fresh one
-    assert torch.equal(_head(out / "03-prune" / "model"), _head(out / "00-teacher" / "model"))
+    assert torch.equal(_head(out / "04-prune" / "model"), _head(out / "00-teacher" / "model"))
 
     report = json.loads((out / "report.json").read_text())
     dense, final = report["teacher"]["metrics"], report["evaluate"]
@@ -44,7 +44,7 @@ def test_teacher_is_the_baseline_the_distillation_source_and_what_is_pruned(tmp_
     assert rows["eval_loss"]["retained"] is None  # lower is better: a ratio is no share kept
     md = (out / "report.md").read_text()
     assert "dense baseline vs this model" in md and f"{100 * rows['eval_accuracy']['retained']:.1f}%" in md
-    card = (out / "08-card" / "model" / "README.md").read_text()
+    card = (out / "09-card" / "model" / "README.md").read_text()
     assert "share of dense kept" in card and f"{100 * rows['eval_accuracy']['retained']:.1f}%" in card
 
     # a changed distillation mix redoes fine-tuning onward, never the teacher or the pruning
@@ -68,8 +68,8 @@ def test_source_pretrained_prunes_the_starting_model_not_the_teacher(tmp_path):
                       finetune={"max_steps": 2, "batch_size": 16, "progress_bar": False})
     result = hf_px.run(cfg, progress=False)
     assert result.stages["teacher"] == "ran"
-    assert not torch.equal(_head(out / "03-prune" / "model"), _head(out / "00-teacher" / "model"))
-    assert "distilled_from" not in _summary(out, "04-finetune")  # a teacher without distill: baseline only
+    assert not torch.equal(_head(out / "04-prune" / "model"), _head(out / "00-teacher" / "model"))
+    assert "distilled_from" not in _summary(out, "05-finetune")  # a teacher without distill: baseline only
     assert json.loads((out / "report.json").read_text())["baseline"]
 
 
@@ -118,7 +118,7 @@ def test_a_new_stage_is_one_entry_in_the_stage_table(tmp_path, monkeypatch):
     first = hf_px.run(cfg, progress=False)
     assert first.stages["count"] == "ran" and (out / "02-count" / "count.json").is_file()
     assert _summary(out, "02-count")["calibration_bytes"] > 0
-    assert (out / "03-pcn").exists() is False and (out / "04-prune").is_dir()  # later stages shift by one
+    assert (out / "03-pcn").exists() is False and (out / "05-prune").is_dir()  # later stages shift by one
     again = hf_px.run(cfg, progress=False)
     assert again.stages["count"] == "skipped"
     assert hf_px.run(cfg, progress=False, overrides={"data.per_class": 4}).stages["count"] == "ran"

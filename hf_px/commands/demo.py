@@ -24,7 +24,6 @@ import copy
 import importlib.util
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections import Counter
@@ -212,28 +211,13 @@ def weights_bytes(folder: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-@torch.no_grad()
 def batch1_latency_ms(models: dict[str, nn.Module], tokenizer: Any, texts: list[str], max_length: int,
                       runs: int) -> dict[str, float]:
-    """Median milliseconds of one unpadded single-sentence forward pass, per model.
+    """Median milliseconds of one unpadded single-sentence forward pass, per model, measured side by side."""
+    from ..speed.latency import measure_latency
 
-    The models take turns sentence by sentence, and the order flips every round, so that a change of machine load
-    (other processes, frequency scaling) hits every model alike and the ratio stays fair.
-    """
     inputs = [dict(tokenizer(t, truncation=True, max_length=max_length, return_tensors="pt")) for t in texts]
-    names = list(models)
-    for name in names:  # warm-up: first calls allocate and pick kernels
-        models[name].eval()
-        models[name](**inputs[0])
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(runs):
-        order = names if r % 2 == 0 else names[::-1]
-        for x in inputs:
-            for name in order:
-                start = time.perf_counter()
-                models[name](**x)
-                times[name].append(1e3 * (time.perf_counter() - start))
-    return {n: statistics.median(v) for n, v in times.items()}
+    return measure_latency(models, inputs, runs=runs).ms
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -29,6 +29,7 @@ from ..finetuning.distill import DistillConfig
 from ..modeling import Task
 from ..pcn.config import PCNConfig
 from ..pruning.scoring import SCORERS
+from ..speed.plan import SpeedConfig
 from .config_files import ConfigError, check_size, key_text, read_config_file
 
 TASKS = ("auto", *(t.value for t in Task))
@@ -229,9 +230,10 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     "model": (ModelSection, ()),
     "data": (DataSection, ()),
     "pcn": (PCNConfig, ()),
+    "speed": (SpeedConfig, ()),
     "prune": (PruneConfig, ("pcn",)),
     "teacher": (TeacherSection, ()),
-    "finetune": (FinetuneConfig, ("max_length", "text_column", "label_column", "metrics", "distill")),
+    "finetune": (FinetuneConfig, ("max_length", "text_column", "label_column", "metrics", "distill", "gradual")),
     "distill": (DistillConfig, ("teacher",)),
     "evaluate": (EvaluateSection, ()),
     "output": (OutputSection, ()),
@@ -242,9 +244,9 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
 SHARED_KEYS = {"finetune.max_length": "data.max_length", "finetune.text_column": "data.text_column",
                "finetune.label_column": "data.label_column", "finetune.metrics": "evaluate.metrics"}
 # sections that are off unless present in the file; the others get their defaults when absent
-OPTIONAL = ("pcn", "teacher", "distill")
+OPTIONAL = ("pcn", "speed", "teacher", "distill")
 # sections that ``null`` or ``enabled: false`` switches off (the others cannot be null)
-SWITCHABLE = ("pcn", "prune", "teacher", "finetune", "distill")
+SWITCHABLE = ("pcn", "speed", "prune", "teacher", "finetune", "distill")
 
 
 def section_fields(section: str) -> list[dataclasses.Field]:
@@ -375,6 +377,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     teacher: TeacherSection | None = None
     pcn: PCNConfig | None = None
+    speed: SpeedConfig | None = None
     prune: PruneConfig | None = field(default_factory=PruneConfig)
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
     distill: DistillConfig | None = None
@@ -387,6 +390,14 @@ class RunConfig:
         wants_teacher = self.distill is not None or (self.prune is not None and self.prune.source == "teacher")
         if self.teacher is None and wants_teacher:
             self.teacher = TeacherSection()
+        if self.speed is not None and self.pcn is not None:
+            raise ConfigError("speed plans the FFN widths itself (structured PCN at the width it measures); remove "
+                              "the pcn section, or remove speed and choose the widths with pcn.")
+        if self.speed is not None and self.distill is not None and self.distill.hidden_weight > 0 \
+                and self.speed.blocks_removed != 0:
+            raise ConfigError("distill.hidden_weight matches block i of the student with block i of the teacher, "
+                              "but speed may remove blocks; set distill.hidden_weight: 0 (logits only) or "
+                              "speed.blocks_removed: 0.")
         if self.distill is not None and self.finetune is None:
             raise ConfigError("distill learns from the teacher while fine-tuning, but the finetune section is off; "
                               "add a finetune section or remove distill.")

@@ -49,7 +49,7 @@ class Context:
         return self._processor
 
     def latest_model_dir(self) -> Path | None:
-        for name in ("finetune", "prune", "pcn"):
+        for name in ("finetune", "prune", "shrink", "pcn"):
             if self.has(name):
                 return self.stage_path(name) / "model"
         return self.teacher_dir() if self.compresses_teacher() else None

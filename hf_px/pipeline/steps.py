@@ -119,6 +119,36 @@ def pcn(ctx: Context, tmp: Path, summary: dict) -> None:
                    flops_before=report.flops_before, flops_after=report.flops_after)
 
 
+def shrink(ctx: Context, tmp: Path, summary: dict) -> None:
+    """Plan block removal and FFN width toward ``speed.target_speedup`` by timing on this machine, then apply it."""
+    from ..speed.plan import apply_plan, plan_speed
+
+    model = current_model(ctx)
+    plan = plan_speed(model, ctx.cfg.speed)
+    prune_cfg = ctx.cfg.prune
+    model, record = apply_plan(model, plan, load_batches(ctx), method=prune_cfg.method if prune_cfg else "px",
+                               options=prune_cfg.options if prune_cfg else None)
+    save_model(model, tmp / "model", ctx, metadata={"speed": record})
+    write_json_atomic(tmp / "speed.json", record)
+    summary.update(blocks_removed=plan.blocks_removed, num_blocks=plan.num_blocks, ffn_width=plan.ffn_width,
+                   ffn_fraction=plan.ffn_fraction, planned_speedups=plan.speedups, target_met=plan.met)
+
+
+def measure_speed(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
+    """The saved model's latency against the starting model's, side by side at every ``speed.shapes``."""
+    from ..inference.choose import example_inputs
+    from ..speed.latency import measure_latency
+
+    dense, rows = source_model(ctx), []
+    for batch, tokens in ctx.cfg.speed.shapes:
+        res = measure_latency({"dense": dense, "this model": model}, example_inputs(dense, (batch, tokens)),
+                              runs=2 * ctx.cfg.speed.runs)
+        rows.append({"batch": batch, "tokens": tokens, "dense_ms": res.ms["dense"], "ms": res.ms["this model"],
+                     "speedup": res.speedup("this model"), "threads": res.threads,
+                     "load_average": res.load_average})
+    return {"target_speedup": ctx.cfg.speed.target_speedup, "shapes": rows}
+
+
 def prune(ctx: Context, tmp: Path, summary: dict) -> None:
     from ..pruning.loop import prune as run_prune
     from ..pruning.scoring.base import local_scoring
@@ -240,6 +270,8 @@ def save(ctx: Context, tmp: Path, summary: dict) -> None:
         metadata["report"]["pcn"] = json.loads((ctx.stage_path("pcn") / "pcn.json").read_text())
     save_model(model, tmp / "model", ctx, masks=masks, metadata=metadata, format=ctx.cfg.output.format)
     summary.update(format=ctx.cfg.output.format, **model_stats(model, tmp / "model"))
+    if ctx.cfg.speed is not None:
+        summary["speed"] = measure_speed(ctx, model)
 
 
 def report(ctx: Context, tmp: Path, summary: dict) -> None:

@@ -112,8 +112,10 @@ def collect(ctx: Any) -> dict[str, Any]:
         from ..finetuning.evaluation import baseline_rows
 
         out["baseline"] = baseline_rows(out["evaluate"], teacher.get("metrics"))
-    out["size"] = {"before": source_stats(ctx), "after": {k: v for k, v in
-                                                          out["stages"]["save"]["summary"].items() if k != "format"}}
+    saved = out["stages"]["save"]["summary"]
+    out["size"] = {"before": source_stats(ctx), "after": {k: v for k, v in saved.items() if k not in ("format", "speed")}}
+    out["speed"] = saved.get("speed")
+    out["shrink"] = out["stages"].get("shrink", {}).get("summary") if ctx.has("shrink") else None
     return out
 
 
@@ -233,6 +235,7 @@ def render_markdown(data: dict[str, Any], plots: dict[str, str], plot_prefix: st
     elif data.get("evaluate"):
         lines += ["", "## Evaluation", "", "| metric | value |", "| --- | ---: |"]
         lines += [f"| {k} | {_num(v)} |" for k, v in data["evaluate"].items()]
+    lines += speed_lines(data)
     size = data["size"]
     lines += ["", "## Size", "", "| | before | after | ratio |", "| --- | ---: | ---: | ---: |"]
     for key in ("params", "nonzero_params", "flops_per_token", "file_bytes"):
@@ -245,6 +248,26 @@ def render_markdown(data: dict[str, Any], plots: dict[str, str], plot_prefix: st
         lines += ["", "## Plots", ""]
         lines += [f"![{PLOTS[name]}]({plot_prefix}{file})" for name, file in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def speed_lines(data: dict[str, Any]) -> list[str]:
+    """The report's speed section: what the shrink stage removed and the latency measured after saving."""
+    speed, shrink = data.get("speed"), data.get("shrink")
+    if not speed:
+        return []
+    lines = ["", "## Speed", ""]
+    if shrink:
+        lines += [f"Planned for a {_num(speed['target_speedup'])}x speed-up: {shrink['blocks_removed']} of "
+                  f"{shrink['num_blocks']} blocks removed (lowest PX scores), FFN width {shrink['ffn_width']} "
+                  f"({_share(shrink['ffn_fraction'])} of the original)"
+                  + ("." if shrink.get("target_met") else "; no shape reached the target, the fastest was used."), ""]
+    lines += ["| batch x tokens | dense ms | this model ms | speed-up |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['batch']} x {r['tokens']} | {r['dense_ms']:.2f} | {r['ms']:.2f} | {r['speedup']:.2f}x |"
+              for r in speed["shapes"]]
+    threads = speed["shapes"][0].get("threads") if speed["shapes"] else None
+    lines += ["", f"Measured on this machine after saving, side by side with the starting model (interleaved calls, "
+              f"medians; {threads} torch thread(s)); ratios, not absolute times, carry over to other machines."]
+    return lines
 
 
 def write_report(ctx: Any, tmp: Path) -> dict[str, Any]:

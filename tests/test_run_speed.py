@@ -1,0 +1,109 @@
+"""``hf-px run`` with a speed section: the shrink stage removes blocks and narrows FFNs, the report measures it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_run import tiny_config
+
+import hf_px
+from hf_px.errors import ConfigError
+from hf_px.pipeline import RunConfig
+from hf_px.speed.plan import SpeedConfig, plan_speed
+
+pytestmark = pytest.mark.slow  # the tokenizer comes from the packaged MiniLM
+
+FOUR_BLOCKS = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+               "intermediate_size": 64, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0}
+
+
+def _cfg(out, speed, **sections):
+    cfg = tiny_config(out, pcn=None, speed=speed, prune={"method": "px", "sparsity": 0.5, "rounds": 2},
+                      finetune={"max_steps": 2, "batch_size": 16, "progress_bar": False}, **sections)
+    cfg["model"]["from_config"] = dict(FOUR_BLOCKS)
+    return cfg
+
+
+def test_fixed_plan_gives_a_smaller_stock_model_and_a_measured_report(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    speed = {"target_speedup": 1.5, "blocks_removed": 1, "ffn_fraction": 0.5, "shapes": [[1, 16], [4, 8]], "runs": 2}
+    result = hf_px.run(_cfg(out, speed), progress=False)
+    assert result.stages["shrink"] == "ran"
+    record = json.loads((out / "03-shrink" / "speed.json").read_text())
+    assert record["plan"]["blocks_removed"] == 1 and len(record["removed"]["removed"]) == 1
+    # the block PX ranked lowest is the one removed
+    assert record["removed"]["removed"] == [record["block_ranking"][0]["block"]]
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "09-card" / "model")  # stock reload
+    assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 32
+    assert len(model.bert.encoder.layer) == 3
+    assert model.bert.encoder.layer[0].intermediate.dense.weight.shape == (32, 32)
+    zeros = sum(int((layer.intermediate.dense.weight == 0).sum()) for layer in model.bert.encoder.layer)
+    assert zeros > 0  # PX pruned the shrunk model afterwards
+
+    report = json.loads((out / "report.json").read_text())
+    rows = report["speed"]["shapes"]
+    assert [(r["batch"], r["tokens"]) for r in rows] == [(1, 16), (4, 8)]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
+    md = (out / "report.md").read_text()
+    assert "## Speed" in md and "1 of 4 blocks removed" in md and "1 x 16" in md
+
+
+def test_plan_picks_a_candidate_that_met_the_target_with_the_most_parameters(monkeypatch):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import hf_px.speed.plan as plan_mod
+
+    model = BertForSequenceClassification(BertConfig(**{k: v for k, v in FOUR_BLOCKS.items() if k != "model_type"}))
+
+    class FakeResult:  # a latency model: cost proportional to block parameters, no clock involved
+        def __init__(self, ratio):
+            self.ratio = ratio
+
+        def speedup(self, name):
+            return self.ratio
+
+    def fake_measure(models, inputs, runs):
+        full, small = (sum(p.numel() for n, p in m.named_parameters() if ".layer." in n) for m in models.values())
+        return FakeResult(full / small)
+
+    monkeypatch.setattr(plan_mod, "measure_latency", fake_measure)
+    plan = plan_speed(model, SpeedConfig(target_speedup=2.0, shapes=((1, 8),), runs=1))
+    assert plan.met
+    met = [c for c in plan.candidates if c["met"]]
+    assert all(c["speedups"]["1x8"] >= 2.0 for c in met)
+    chosen = next(c for c in met if (c["blocks_removed"], c["ffn_fraction"]) == (plan.blocks_removed,
+                                                                                  plan.ffn_fraction))
+    assert chosen["block_params"] == max(c["block_params"] for c in met)
+    assert any(not c["met"] for c in plan.candidates)  # the choice was not trivial
+    # nothing reaches an impossible target: the fastest candidate is used, with a warning
+    with pytest.warns(UserWarning, match="no candidate reached"):
+        slow = plan_speed(model, SpeedConfig(target_speedup=50.0, shapes=((1, 8),), runs=1, blocks_removed=0,
+                                             ffn_fraction=0.5))
+    assert not slow.met
+
+
+@pytest.mark.parametrize("speed, extra, match", [
+    ({"target_speedup": 1.0}, {}, "target_speedup"),
+    ({"shapes": [[0, 8]]}, {}, "shapes"),
+    ({"ffn_fraction": 1.5}, {}, "ffn_fraction"),
+    ({}, {"pcn": {"width": 32}}, "remove the pcn section"),
+    ({}, {"teacher": {}, "distill": {"hidden_weight": 1.0}}, "hidden_weight"),
+])
+def test_speed_config_errors(tmp_path, speed, extra, match):
+    cfg = _cfg(tmp_path / "x", speed)
+    cfg.update(extra)
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_dict(cfg)
+
+
+def test_a_removal_that_leaves_too_few_blocks_is_refused():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(**{k: v for k, v in FOUR_BLOCKS.items() if k != "model_type"}))
+    with pytest.raises(ConfigError, match="min_blocks"):
+        plan_speed(model, SpeedConfig(blocks_removed=4, shapes=((1, 8),)))
