@@ -39,7 +39,8 @@ class GradualConfig:
 
     Args:
         prune: the method, its options, the final sparsity and the layer-collapse floor (``rounds`` is not used:
-            each pruning step is one round).
+            each pruning step is one round). ``None`` leaves it to be filled in later: ``hf-px run`` passes its
+            ``prune`` section.
         initial_sparsity: the sparsity of the first pruning step, in [0, final). Weights the model already has
             pruned stay pruned, so a model pruned one-shot to 50% can continue from ``initial_sparsity=0.5``.
         start: fraction of the training steps before the first pruning step, in [0, 1).
@@ -54,7 +55,7 @@ class GradualConfig:
         0.7
     """
 
-    prune: PruneConfig = field(default_factory=PruneConfig)
+    prune: PruneConfig | None = field(default_factory=PruneConfig)
     initial_sparsity: float = 0.0
     start: float = 0.0
     end: float = 0.7
@@ -64,9 +65,9 @@ class GradualConfig:
     def __post_init__(self) -> None:
         if isinstance(self.prune, dict):
             self.prune = PruneConfig(**self.prune)
-        if not isinstance(self.prune, PruneConfig):
+        if self.prune is not None and not isinstance(self.prune, PruneConfig):
             raise TypeError(f"GradualConfig.prune must be a PruneConfig, got {type(self.prune).__name__}.")
-        final = float(self.prune.sparsity)
+        final = float(self.prune.sparsity) if self.prune is not None else 1.0
         if not _finite(self.initial_sparsity) or not 0.0 <= self.initial_sparsity < max(final, 1e-12):
             raise ValueError(f"initial_sparsity must be in [0, {final:g}) (below the final prune.sparsity), got "
                              f"{short_repr(self.initial_sparsity)}.")
@@ -82,6 +83,8 @@ class GradualConfig:
 
     def schedule(self, total_steps: int) -> list[tuple[int, float]]:
         """(optimizer step, sparsity) of every pruning step; step 0 is before the first update."""
+        if self.prune is None:
+            raise ConfigError("GradualConfig.prune is not set: give the PruneConfig with the final sparsity.")
         t0 = int(round(self.start * total_steps))
         te = max(t0, int(round(self.end * total_steps)))
         steps = list(range(t0, te, self.every)) + [te]
@@ -91,7 +94,7 @@ class GradualConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["prune"] = self.prune.to_dict()
+        out["prune"] = self.prune.to_dict() if self.prune is not None else None
         return out
 
 
@@ -105,6 +108,8 @@ class GradualPruner:
         from ..pruning.targets import collect_targets
 
         self.config = config
+        if config.prune is None:
+            raise ConfigError("GradualConfig.prune is not set: give the PruneConfig with the final sparsity.")
         pc = config.prune
         self.scorer = get_scorer(pc.method, pc.options)
         if self.scorer.needs_data and not batches:

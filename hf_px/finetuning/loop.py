@@ -45,7 +45,8 @@ class FinetuneOutput:
 
     ``model`` is the fine-tuned model (unwrapped; merged if LoRA with ``merge_lora``), ``metrics`` the final
     evaluation (empty without an evaluation set), ``history`` the logged records (training loss, learning rate,
-    evaluations), ``sparsity`` the kept/total counts of the masked weights before and after training.
+    evaluations), ``sparsity`` the kept/total counts of the masked weights before and after training, ``masks``
+    the masks held at the end (tightened by gradual pruning; None with unmerged LoRA adapters).
     """
 
     model: nn.Module
@@ -54,6 +55,7 @@ class FinetuneOutput:
     global_step: int
     sparsity: dict[str, Any]
     world_size: int = 1
+    masks: dict[str, torch.Tensor] | None = None
     resumed_from: str | None = None
     output_dir: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -311,6 +313,7 @@ def finetune(
     sparsity = fixed_masks.check_sparsity(model, final_model_masks, kept_before, total_masked)
     output = FinetuneOutput(
         model=model, metrics=final_metrics, history=history, global_step=global_step, sparsity=sparsity,
+        masks=masks if final_model_masks else None,
         world_size=accelerator.num_processes, resumed_from=resumed_from, output_dir=out_dir,
         extras={"train_time_s": train_time, "train_samples_per_s_per_process": samples / max(train_time, 1e-9),
                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "task": task,

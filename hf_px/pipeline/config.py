@@ -26,6 +26,7 @@ from typing import Any, Union
 
 from ..config import FinetuneConfig, PruneConfig, short_repr
 from ..finetuning.distill import DistillConfig
+from ..finetuning.gradual import GradualConfig
 from ..modeling import Task
 from ..pcn.config import PCNConfig
 from ..pruning.scoring import SCORERS
@@ -232,6 +233,7 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     "pcn": (PCNConfig, ()),
     "speed": (SpeedConfig, ()),
     "prune": (PruneConfig, ("pcn",)),
+    "gradual": (GradualConfig, ("prune",)),
     "teacher": (TeacherSection, ()),
     "finetune": (FinetuneConfig, ("max_length", "text_column", "label_column", "metrics", "distill", "gradual")),
     "distill": (DistillConfig, ("teacher",)),
@@ -244,9 +246,9 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
 SHARED_KEYS = {"finetune.max_length": "data.max_length", "finetune.text_column": "data.text_column",
                "finetune.label_column": "data.label_column", "finetune.metrics": "evaluate.metrics"}
 # sections that are off unless present in the file; the others get their defaults when absent
-OPTIONAL = ("pcn", "speed", "teacher", "distill")
+OPTIONAL = ("pcn", "speed", "gradual", "teacher", "distill")
 # sections that ``null`` or ``enabled: false`` switches off (the others cannot be null)
-SWITCHABLE = ("pcn", "speed", "prune", "teacher", "finetune", "distill")
+SWITCHABLE = ("pcn", "speed", "prune", "gradual", "teacher", "finetune", "distill")
 
 
 def section_fields(section: str) -> list[dataclasses.Field]:
@@ -336,6 +338,8 @@ def build_section(section: str, values: dict[str, Any] | None) -> Any:
     # without finetune.output_dir the pipeline keeps checkpoints in the stage's work folder: a stand-in lets
     # FinetuneConfig accept save_every and resume
     stand_in = section == "finetune" and values.get("output_dir") is None
+    if section == "gradual":
+        values["prune"] = None  # RunConfig fills it from the prune section, then validates the schedule
     try:
         built = cls(**({**values, "output_dir": "(the stage's work folder)"} if stand_in else values))
         if stand_in:
@@ -379,6 +383,7 @@ class RunConfig:
     pcn: PCNConfig | None = None
     speed: SpeedConfig | None = None
     prune: PruneConfig | None = field(default_factory=PruneConfig)
+    gradual: GradualConfig | None = None
     finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
     distill: DistillConfig | None = None
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
@@ -398,6 +403,14 @@ class RunConfig:
             raise ConfigError("distill.hidden_weight matches block i of the student with block i of the teacher, "
                               "but speed may remove blocks; set distill.hidden_weight: 0 (logits only) or "
                               "speed.blocks_removed: 0.")
+        if self.gradual is not None:
+            if self.prune is None or self.finetune is None:
+                raise ConfigError("gradual keeps pruning while fine-tuning, up to prune.sparsity with prune.method: it "
+                                  "needs both the prune and the finetune sections.")
+            try:  # the final sparsity and method come from the prune section
+                self.gradual = dataclasses.replace(self.gradual, prune=dataclasses.replace(self.prune, pcn=None))
+            except ValueError as err:
+                raise ConfigError(f"gradual: {err}") from err
         if self.distill is not None and self.finetune is None:
             raise ConfigError("distill learns from the teacher while fine-tuning, but the finetune section is off; "
                               "add a finetune section or remove distill.")

@@ -134,6 +134,22 @@ def shrink(ctx: Context, tmp: Path, summary: dict) -> None:
                    ffn_fraction=plan.ffn_fraction, planned_speedups=plan.speedups, target_met=plan.met)
 
 
+def final_sparsity_report(model: torch.nn.Module, masks: dict, gradual: Any) -> dict[str, Any]:
+    """The pruning report's numbers after gradual pruning: per-matrix densities of the final masks."""
+    from ..pruning.report import layer_rows
+    from ..pruning.targets import collect_targets
+
+    targets = [t for t in collect_targets(model, generic=gradual.prune.generic) if t.param_name in masks]
+    named = [(t.key, t.view(masks[t.param_name])) for t in targets]
+    layers = layer_rows(named)
+    for lay, t in zip(layers, targets, strict=True):
+        lay.update(block=t.block, role=t.role)
+    prunable, kept = sum(lay["numel"] for lay in layers), sum(int(m.sum()) for _, m in named)
+    return {"layers": layers, "target_sparsity": gradual.prune.sparsity, "kept_params": kept,
+            "achieved_sparsity": 1.0 - kept / max(prunable, 1),
+            "gradual": {k: v for k, v in gradual.to_dict().items() if k != "prune"}}
+
+
 def measure_speed(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
     """The saved model's latency against the starting model's, side by side at every ``speed.shapes``."""
     from ..inference.choose import example_inputs
@@ -155,6 +171,8 @@ def prune(ctx: Context, tmp: Path, summary: dict) -> None:
 
     model = current_model(ctx)
     config = dataclasses.replace(ctx.cfg.prune, pcn=None)
+    if ctx.cfg.gradual is not None:  # one-shot to the starting sparsity; fine-tuning prunes the rest
+        config = dataclasses.replace(config, sparsity=ctx.cfg.gradual.initial_sparsity)
     with local_scoring():  # only the main process prunes; the others wait at the stage barrier
         result = run_prune(model, load_batches(ctx), config, tokenizer=ctx.processor(), progress=ctx.progress)
     result.report["calibration"].update(dataset=ctx.cfg.data.dataset, per_class=ctx.cfg.data.per_class)
@@ -167,7 +185,8 @@ def prune(ctx: Context, tmp: Path, summary: dict) -> None:
                    achieved_sparsity=result.report["achieved_sparsity"], time_s=result.report["time_s"])
 
 
-def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill: Any = None) -> Any:
+def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill: Any = None,
+           gradual: Any = None) -> Any:
     """Fine-tune ``model`` with the finetune recipe (every process); checkpoints go to the stage's work folder."""
     from ..finetuning.loop import finetune as run_finetune
 
@@ -177,9 +196,10 @@ def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill
                "save_total_limit": ft.save_total_limit or 2} if work == ctx.work_dir(name) else {}
     config = dataclasses.replace(ft, **managed, output_dir=str(work), progress_bar=ft.progress_bar and ctx.progress,
                                  label_column=ctx.plan.label_column or "label", text_column=ctx.plan.text_column,
-                                 max_length=ctx.cfg.data.max_length, distill=distill,
+                                 max_length=ctx.cfg.data.max_length, distill=distill, gradual=gradual,
                                  metrics=tuple(ctx.cfg.evaluate.metrics) if ctx.cfg.evaluate.metrics else None)
-    return run_finetune(model, ctx.plan.train, ctx.plan.eval, config, tokenizer=ctx.processor(), masks=masks)
+    return run_finetune(model, ctx.plan.train, ctx.plan.eval, config, tokenizer=ctx.processor(), masks=masks,
+                        calibration=load_batches(ctx) if gradual is not None else None)
 
 
 def _keep_training_outputs(ctx: Context, name: str, out: Any, tmp: Path, summary: dict) -> None:
@@ -225,11 +245,15 @@ def finetune(ctx: Context, tmp: Path | None, summary: dict) -> None:
         from ..pruning.masks import masks_from_model
 
         masks = masks_from_model(model)
-    out = _train(ctx, "finetune", model, masks, distill)
+    out = _train(ctx, "finetune", model, masks, distill, ctx.cfg.gradual)
     if tmp is None:
         return
     _keep_training_outputs(ctx, "finetune", out, tmp, summary)
-    if ctx.has("prune"):
+    if ctx.cfg.gradual is not None:  # the masks grew tighter while training: these are the final ones
+        save_masks(out.masks, tmp / MASKS_FILE)
+        summary.update(gradual=out.extras.get("gradual", []),
+                       achieved_sparsity=1.0 - out.sparsity["density_after"])
+    elif ctx.has("prune"):
         shutil.copy2(ctx.stage_path("prune") / MASKS_FILE, tmp / MASKS_FILE)
     if distill is not None:
         summary.update(distilled_from=ctx.folders["teacher"])
@@ -266,6 +290,8 @@ def save(ctx: Context, tmp: Path, summary: dict) -> None:
             break
     metadata = {"report": json.loads((ctx.stage_path("prune") / "prune_report.json").read_text())} \
         if ctx.has("prune") else {}
+    if metadata and ctx.cfg.gradual is not None and masks is not None:
+        metadata["report"].update(final_sparsity_report(model, masks, ctx.cfg.gradual))
     if ctx.has("pcn") and metadata:  # the widths PCN chose belong with the pruning report, as hf_px.prune saves it
         metadata["report"]["pcn"] = json.loads((ctx.stage_path("pcn") / "pcn.json").read_text())
     save_model(model, tmp / "model", ctx, masks=masks, metadata=metadata, format=ctx.cfg.output.format)

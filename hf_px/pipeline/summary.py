@@ -101,6 +101,11 @@ def collect(ctx: Any) -> dict[str, Any]:
     if prune:
         prune = {k: prune.get(k) for k in ("method", "target_sparsity", "achieved_sparsity", "rounds",
                                            "prunable_params", "kept_params", "time_s", "layers")}
+    saved_meta = _read(ctx.stage_path("save") / "model" / "hf_px.json") if ctx.has("save") else None
+    final = ((saved_meta or {}).get("metadata") or {}).get("report") or {}
+    if prune and final.get("gradual"):  # gradual pruning: the final masks are the save stage's, not 04-prune's
+        prune.update({k: final[k] for k in ("target_sparsity", "achieved_sparsity", "kept_params", "layers")},
+                     initial_sparsity=prune["achieved_sparsity"], gradual=final["gradual"])
     out["prune"] = prune
     history = _history(ctx)
     out["finetune"] = {"history": history, **(out["stages"].get("finetune", {}).get("summary") or {})} \
@@ -213,6 +218,11 @@ def render_markdown(data: dict[str, Any], plots: dict[str, str], plot_prefix: st
         lines += ["", "## Pruning", "", f"`{prune['method']}`: target sparsity {_num(prune['target_sparsity'])}, "
                   f"achieved {_num(prune['achieved_sparsity'])} over {_num(prune['prunable_params'])} prunable "
                   f"weights in {_num(prune['rounds'])} rounds ({_num(prune['time_s'])} s).", ""]
+        if prune.get("gradual"):
+            g = prune["gradual"]
+            lines[-1:] = [f"Gradual: one-shot to {_num(prune['initial_sparsity'])} before fine-tuning, then "
+                          f"re-scored every {g['every']} steps on a cubic schedule, final from {_share(g['end'])} "
+                          "of the steps; the densities below are the final masks.", ""]
         lines += ["| matrix | weights | density |", "| --- | ---: | ---: |"]
         lines += [f"| `{lay['name']}` | {_num(lay['numel'])} | {lay['density']:.4f} |" for lay in prune["layers"]]
     if data.get("pcn"):
