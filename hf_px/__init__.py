@@ -37,6 +37,7 @@ __all__ = [
     "PruneConfig",
     "PruneResult",
     "RunConfig",
+    "SpeedConfig",
     "SynflowOptions",
     "WandaOptions",
     "apply_lora",
@@ -55,7 +56,9 @@ __all__ = [
     "load_metric",
     "load_model",
     "masks_from_model",
+    "measure_latency",
     "merge_lora",
+    "plan_speed",
     "prune",
     "push_to_hub",
     "rank_blocks",
@@ -100,6 +103,9 @@ _SOURCES = {
     "FinetuneOutput": "finetuning.loop",
     "evaluate": "finetuning.evaluation",
     "DistillConfig": "finetuning.distill",
+    "SpeedConfig": "speed",
+    "measure_latency": "speed",
+    "plan_speed": "speed",
     "choose_kernels": "inference",
     "KernelReport": "inference",
     "densify": "inference",
@@ -152,6 +158,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
         register_scorer,
     )
     from .registry import register_architecture, supported_architectures
+    from .speed import SpeedConfig, measure_latency, plan_speed
     from .structure import collapsed_blocks, rank_blocks, rank_heads, remove_blocks, remove_heads
 
 
