@@ -1,0 +1,460 @@
+"""Speed benchmark: CPU latency of every way hf_px makes MiniLM smaller, each beside its accuracy after recovery.
+
+Configurations (``--configs``, default all):
+
+    dense        the dense teacher (bench_recovery's cached, fine-tuned MiniLM)
+    px90         PX 90% unstructured sparsity, run with dense kernels
+    px90-csr     the same weights loaded with ``hf_px.load(kernels="auto", batch_shape=...)``: CSR kernels in the
+                 layers where they are faster, chosen again at every timed shape
+    pcn50        structured PCN, every FFN cut to 0.5 of its width (no PX)
+    pcn25        structured PCN to 0.25 (no PX)
+    pcn50-px80   structured PCN to 0.5, then PX 80%
+    blocks       the ``--remove-blocks`` blocks (3 of MiniLM's 6) that ``rank_blocks`` scores lowest with PX removed
+    fast         the speed preset: ``plan_speed(model, SpeedConfig(target_speedup=2))``, ``apply_plan``, then PX 50%
+
+Every configuration starts from the pretrained weights with a fresh head (seed 0), is shrunk/pruned on 10
+calibration examples per class, then fine-tuned with bench_recovery's ``demo-e1`` recipe (builtin Rotten
+Tomatoes, 2,000 training examples, 1 epoch, batch 32, lr 2e-4, max length 64, distilled from the dense teacher
+with T=2, alpha=0.5 on the logits only: block removal makes hidden-state matching impossible, so no
+configuration uses it) and evaluated on 1,000 held-out examples. The fine-tuned model is saved under
+``--work-dir``/speed/ with its accuracy record in ``hf_px.json`` (one atomic folder), and ``--out`` is rewritten
+at once; a re-run skips every configuration whose folder is there (the teacher cache is bench_recovery's, so
+``--work-dir`` shared with it reuses its teacher).
+
+Then the latency: for every shape (``--shapes``: batch-1 latency at 32 and 128 tokens, batch-32 throughput at 64)
+all the configurations and the dense model are timed in ONE ``hf_px.speed.measure_latency`` call (calls
+interleaved, order flipped every round, median of ``--runs``), so each ratio to dense comes from the same call
+and a machine load that drifts touches every model alike. The absolute milliseconds move with the load; the
+ratios are the result. ``--threads`` sets torch's intra-op threads for everything (1 by default: on a loaded
+2-core machine two threads spin against each other).
+
+    .venv/bin/python scripts/bench_speed.py --threads 1 --work-dir /work/runs/teachers
+    .venv/bin/python scripts/bench_speed.py --summary-only          # the Markdown table from results/speed.json
+    .venv/bin/python scripts/bench_speed.py --quick --work-dir /tmp/speed-smoke    # every step, tiny budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import hf_px
+from hf_px.data import calibration_batches
+from hf_px.export.serialization import load, save_pretrained
+from hf_px.finetuning.distill import DistillConfig
+from hf_px.finetuning.loop import finetune
+from hf_px.inference import example_inputs
+from hf_px.registry import base_model_of, find_arch
+from hf_px.speed.latency import measure_latency
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, also when imported from a test
+import bench_recovery as recovery  # noqa: E402
+from bench_quality import load_records, load_splits, prune_config, save_records  # noqa: E402
+
+Pretrained = Callable[[int], nn.Module]  # seed -> the pretrained model with a freshly initialised head
+Splits = tuple[Any, Any]
+
+# name -> what is done to the pretrained model, in this order: plan (fast preset), blocks, pcn, px
+CONFIGS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "px90": {"px": 0.9},
+    "px90-csr": {"same_as": "px90", "kernels": "auto"},
+    "pcn50": {"pcn": 0.5},
+    "pcn25": {"pcn": 0.25},
+    "pcn50-px80": {"pcn": 0.5, "px": 0.8},
+    "blocks": {"blocks": True},
+    "blocks-top": {"blocks": True, "order": "top"},
+    "pcn25-top1": {"pcn": 0.25, "blocks": 1, "order": "top"},
+    "fast": {"plan": True, "px": "fast"},
+}
+DEFAULT_SHAPES = "1x32,1x128,32x64"
+# the recipe settings a configuration's accuracy depends on: a change gives a new model folder
+RECIPE_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length", "per_class",
+               "rounds", "temperature", "alpha", "seed", "remove_blocks", "fast_target", "fast_sparsity",
+               "plan_shapes", "plan_runs")
+TIMING_KEYS = ("dense_ms", "ms", "speedup", "threads", "load_average", "runs", "timing_id")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of BATCHxTOKENS shapes to time")
+    p.add_argument("--runs", type=int, default=15, help="interleaved timing rounds per shape (the median counts)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, for training and timing")
+    p.add_argument("--retime", action="store_true",
+                   help="time again even when --out already has timings of every selected configuration")
+    p.add_argument("--recipe", default="demo-e1", help="name of the recipe, stored in every record")
+    p.add_argument("--model", default=recovery.PACKAGED, help="model folder or Hub id (default: the packaged MiniLM)")
+    p.add_argument("--seed", type=int, default=0, help="head init, calibration sample, data order")
+    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--eval-size", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--per-class", type=int, default=10, help="calibration examples per class")
+    p.add_argument("--rounds", type=int, default=10, help="PX rounds")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--remove-blocks", type=int, default=3, help="blocks removed by the 'blocks' configuration")
+    p.add_argument("--fast-target", type=float, default=2.0, help="the fast preset's target speed-up")
+    p.add_argument("--fast-sparsity", type=float, default=0.5, help="PX sparsity after the fast preset's plan")
+    p.add_argument("--plan-shapes", default="",
+                   help="shapes the fast preset plans for (default: SpeedConfig's own, 1x128 and 32x64)")
+    p.add_argument("--plan-runs", type=int, default=None, help="timing rounds per planned candidate "
+                   "(default: SpeedConfig's own)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: every configuration on 64 examples, 2 steps, 2 PX rounds, 2 timing runs "
+                   "(records go to WORK_DIR/speed-quick.json unless --out is given)")
+    p.add_argument("--work-dir", default="results/recovery-work",
+                   help="bench_recovery's teacher cache; the fine-tuned configurations go to WORK_DIR/speed/")
+    p.add_argument("--out", default=None, help="records (default results/speed.json)")
+    p.add_argument("--summary-only", action="store_true", help="print the table from --out, run nothing")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.train_size, args.eval_size, args.steps, args.rounds, args.per_class = 64, 64, 2, 2, 4
+        args.runs, args.plan_runs, args.recipe = 2, 1, "quick"
+    if args.out is None:
+        args.out = str(Path(args.work_dir) / "speed-quick.json") if args.quick else "results/speed.json"
+    unknown = [c for c in config_list(args) if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    parse_shapes(args.shapes)
+    return args
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [(int(b), int(t)) for b, _, t in (s.strip().partition("x") for s in text.split(",") if s.strip())]
+    except ValueError:
+        raise SystemExit(f"shapes must look like 1x32,32x64; got {text!r}") from None
+    if not shapes or any(b < 1 or t < 1 for b, t in shapes):
+        raise SystemExit(f"shapes must be positive BATCHxTOKENS pairs; got {text!r}")
+    return shapes
+
+
+def config_list(args: argparse.Namespace) -> list[str]:
+    return [c for c in args.configs.split(",") if c]
+
+
+def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in RECIPE_KEYS}
+
+
+def recipe_id(args: argparse.Namespace, teacher_folder: Path | str) -> str:
+    # the teacher is part of the recipe: a student distilled from another teacher is another result
+    blob = json.dumps([recipe_params(args), Path(teacher_folder).name], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def recovery_args(args: argparse.Namespace) -> argparse.Namespace:
+    """bench_recovery's namespace with this run's recipe, so its teacher cache key and fine-tuning match."""
+    rargs = recovery.build_parser().parse_args([])
+    for key in ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length",
+                "per_class", "rounds", "temperature", "alpha", "threads", "work_dir"):
+        setattr(rargs, key, getattr(args, key))
+    return rargs
+
+
+def model_dir(args: argparse.Namespace, dataset: str, rid: str, name: str) -> Path:
+    return Path(args.work_dir) / "speed" / f"{dataset}-seed{args.seed}-{rid}" / name
+
+
+def shape_of(model: nn.Module) -> dict[str, Any]:
+    """Blocks, FFN width, parameter counts and unstructured sparsity of ``model``."""
+    spec = find_arch(model)
+    blocks = len(spec.blocks(base_model_of(model))) if spec is not None else None
+    ffn = int(getattr(model.config, spec.ffn_width_attr)) if spec is not None else None
+    params = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
+    return {"num_blocks": blocks, "ffn_width": ffn, "params": params, "nonzero_params": nonzero,
+            "sparsity": float(hf_px.sparsity_report(model)["achieved_sparsity"])}
+
+
+def speed_config(args: argparse.Namespace) -> Any:
+    from hf_px.speed.plan import SpeedConfig
+
+    kwargs: dict[str, Any] = {"target_speedup": args.fast_target}
+    if args.plan_shapes:
+        kwargs["shapes"] = tuple(parse_shapes(args.plan_shapes))
+    if args.plan_runs is not None:
+        kwargs["runs"] = args.plan_runs
+    return SpeedConfig(**kwargs)
+
+
+def shrink(name: str, args: argparse.Namespace, model: nn.Module, batches: list) -> tuple[Any, dict[str, Any]]:
+    """Apply configuration ``name`` to the pretrained ``model``: (model or PruneResult to fine-tune, record)."""
+    from hf_px.pcn import PCNConfig, apply_pcn
+    from hf_px.speed.plan import apply_plan, plan_speed
+    from hf_px.structure import rank_blocks, remove_blocks
+
+    spec, info = CONFIGS[name], {}
+    before = shape_of(model)
+    if spec.get("plan"):
+        config = speed_config(args)
+        plan = plan_speed(model, config)
+        model, applied = apply_plan(model, plan, batches)
+        info["plan"] = {"target_speedup": config.target_speedup, "shapes": [list(s) for s in config.shapes],
+                        "runs": config.runs, **{k: v for k, v in plan.to_dict().items() if k != "candidates"}}
+        info["plan"]["candidates_timed"] = len(plan.candidates)
+        info["plan"]["removed"] = applied.get("removed", {}).get("removed", [])
+    if spec.get("blocks"):
+        count = args.remove_blocks if spec["blocks"] is True else spec["blocks"]
+        if spec.get("order") == "top":  # the blocks nearest the head, the usual choice for BERT layer dropping
+            n = before["num_blocks"]
+            drop = list(range(n - count, n))
+        else:
+            ranking = rank_blocks(model, batches, method="px")
+            drop = sorted(r["block"] for r in ranking[:count])
+            info["block_ranking"] = [{"block": r["block"], "share": r["share"]} for r in ranking]
+        info["removed"] = remove_blocks(model, drop)["removed"]
+    if spec.get("pcn"):
+        report = apply_pcn(model, batches, PCNConfig(width=spec["pcn"], mode="structured"))
+        model = report.model if report.model is not None else model
+        info["pcn_width"] = spec["pcn"]
+    px = args.fast_sparsity if spec.get("px") == "fast" else spec.get("px")
+    result: Any = model
+    if px:
+        result = hf_px.prune(model, batches, prune_config("px", sparsity=px, rounds=args.rounds, seed=args.seed),
+                             progress=False)
+        info["px_sparsity"] = px
+    after = shape_of(model)
+    info["blocks_removed"] = before["num_blocks"] - after["num_blocks"]
+    info["ffn_fraction"] = after["ffn_width"] / before["ffn_width"]
+    return result, info
+
+
+def run_config(name: str, args: argparse.Namespace, dataset: str, splits: Splits, tokenizer: Any,
+               pretrained: Pretrained, teacher: nn.Module, teacher_info: dict[str, Any], folder: Path
+               ) -> dict[str, Any]:
+    """Shrink/prune, distil from ``teacher``, evaluate and save configuration ``name``; returns its record."""
+    train, ev = splits
+    wall, cpu = time.perf_counter(), time.process_time()
+    model = pretrained(args.seed)
+    batches = calibration_batches(train, tokenizer, per_class=args.per_class, batch_size=16,
+                                  max_length=args.max_length, seed=args.seed)
+    to_train, info = shrink(name, args, model, batches)
+    shrink_s = time.perf_counter() - wall
+    # logits only (hidden_weight 0): after block removal the student's blocks no longer pair with the teacher's
+    distill = DistillConfig(teacher=teacher, temperature=args.temperature, alpha=args.alpha, hidden_weight=0.0)
+    out = finetune(to_train, train, ev, recovery.finetune_config(recovery_args(args), args.seed, distill),
+                   tokenizer=tokenizer)
+    accuracy, dense_accuracy = float(out.metrics["eval_accuracy"]), float(teacher_info["dense_accuracy"])
+    record = {"config": name, "dataset": dataset, "recipe": args.recipe, "accuracy": accuracy,
+              "dense_accuracy": dense_accuracy, "retained": accuracy / dense_accuracy, **shape_of(out.model),
+              **info, "distill": "logits", **recipe_params(args), "data_source": teacher_info["data_source"],
+              "train_examples": len(train), "eval_examples": len(ev), "shrink_wall_s": shrink_s,
+              "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,
+              "torch_threads": torch.get_num_threads()}
+    fmt = "sparse" if record["sparsity"] > 0.5 else "dense"  # smaller on disk; load() gives the same model back
+    # the record lives in the model folder's hf_px.json: the model and its accuracy appear together or not at all
+    save_pretrained(out.model, folder, format=fmt, card=False, metadata={"speed_bench": record})
+    return record
+
+
+def dense_record(args: argparse.Namespace, dataset: str, teacher: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
+    acc = float(info["dense_accuracy"])
+    return {"config": "dense", "dataset": dataset, "recipe": args.recipe, "accuracy": acc, "dense_accuracy": acc,
+            "retained": 1.0, **shape_of(teacher), "blocks_removed": 0, "ffn_fraction": 1.0,
+            **recipe_params(args), "data_source": info["data_source"], "cpu_s": info.get("cpu_s"),
+            "wall_s": info.get("wall_s")}
+
+
+def untimed(acc: dict[str, Any], shapes: list[tuple[int, int]], rid: str) -> list[dict[str, Any]]:
+    """One record per shape for an accuracy record, with the timing fields empty until the timing pass."""
+    return [{**acc, "recipe_id": rid, "batch": b, "tokens": t, **dict.fromkeys(TIMING_KEYS)} for b, t in shapes]
+
+
+def merge(records: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with every (recipe_id, config, batch, tokens) of ``new`` replaced by the new record."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r.get("recipe_id"), r["config"], r["batch"], r["tokens"]
+
+    keys = {key(r) for r in new}
+    return [r for r in records if key(r) not in keys] + new
+
+
+def time_configs(models: dict[str, nn.Module], accuracy: dict[str, dict[str, Any]], shapes: list[tuple[int, int]],
+                 runs: int, rid: str, csr_source: Path | None = None) -> list[dict[str, Any]]:
+    """Records of every model of ``models`` (``"dense"`` first) at every shape, one side-by-side call per shape.
+
+    ``csr_source``: the px90 folder, loaded with ``kernels="auto"`` at each shape as ``px90-csr`` (in
+    ``accuracy``), so the kernel choice is the one a user gets at that shape.
+    """
+    # which records share one measurement: a timestamp to read, a random part so two passes never collide
+    timing_id = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{uuid.uuid4().hex[:8]}"
+    records = []
+    for batch, tokens in shapes:
+        extra, kernels = {}, None
+        if csr_source is not None and "px90-csr" in accuracy:
+            extra["px90-csr"] = load(str(csr_source), kernels="auto", batch_shape=(batch, tokens))
+            report = extra["px90-csr"].hf_px_kernels
+            kernels = {"sparse_layers": len(report.sparse_layers), "linear_layers": len(report.layers),
+                       "reverted": report.reverted, "choice_speedup": report.speedup, "note": report.note}
+        timed = {n: models[n] if n in models else extra[n] for n in accuracy if n in models or n in extra}
+        res = measure_latency(timed, example_inputs(models["dense"], (batch, tokens)), runs=runs, reference="dense")
+        for name in timed:
+            rec = {**accuracy[name], "recipe_id": rid, "batch": batch, "tokens": tokens,
+                   "dense_ms": res.ms["dense"], "ms": res.ms[name], "speedup": res.speedup(name),
+                   "threads": res.threads, "load_average": res.load_average, "runs": res.runs,
+                   "timing_id": timing_id}
+            if name == "px90-csr":
+                rec["kernels"] = kernels
+            records.append(rec)
+        print(f"{batch}x{tokens}: dense {res.ms['dense']:.1f} ms; "
+              + ", ".join(f"{n} {res.speedup(n):.2f}x" for n in timed if n != "dense")
+              + f" (load average {res.load_average})", flush=True)
+    return records
+
+
+def run_all(args: argparse.Namespace, dataset: str, splits: Splits, tokenizer: Any, pretrained: Pretrained,
+            data_source: str) -> list[dict[str, Any]]:
+    """Every missing configuration, then the timing pass; ``--out`` is rewritten after each step."""
+    out, shapes, wanted = Path(args.out), parse_shapes(args.shapes), config_list(args)
+    rargs = recovery_args(args)
+    teacher, tinfo = recovery.get_teacher(rargs, dataset, data_source, args.seed, splits, tokenizer, pretrained)
+    rid = recipe_id(args, recovery.teacher_dir(rargs, dataset, data_source, args.seed))
+    records = load_records(out)
+    accuracy = {"dense": dense_record(args, dataset, teacher, tinfo)}
+    models: dict[str, nn.Module] = {"dense": teacher}
+    # px90-csr times px90's weights: it needs px90's folder even when px90 itself is not selected
+    trained = [c for c in CONFIGS if c != "dense" and "same_as" not in CONFIGS[c]
+               and (c in wanted or any(CONFIGS[w].get("same_as") == c for w in wanted))]
+    for name in trained:
+        folder = model_dir(args, dataset, rid, name)
+        if (folder / "hf_px.json").exists():
+            print(f"{name}: already in {folder}, skipped", flush=True)
+            acc = json.loads((folder / "hf_px.json").read_text())["metadata"]["speed_bench"]
+        else:
+            acc = run_config(name, args, dataset, splits, tokenizer, pretrained, teacher, tinfo, folder)
+            print(f"{name}: accuracy {acc['accuracy']:.4f} (dense {acc['dense_accuracy']:.4f}, kept "
+                  f"{acc['retained']:.1%}); {acc['num_blocks']} blocks x FFN {acc['ffn_width']}, sparsity "
+                  f"{acc['sparsity']:.0%}; {acc['wall_s']:.0f} s", flush=True)
+            records = merge(records, untimed(acc, shapes, rid))
+            save_records(out, records)
+        accuracy[name] = acc
+        if name in wanted:
+            models[name] = load(str(folder)).eval()
+    for name in wanted:
+        source = CONFIGS[name].get("same_as")
+        if source:  # same weights, other kernels: its accuracy is the source's (CSR is exact up to rounding)
+            accuracy[name] = {**accuracy[source], "config": name, "accuracy_from": source}
+    timed = ["dense", *[c for c in wanted if c != "dense"]]
+    have = {(r["config"], r["batch"], r["tokens"]) for r in records
+            if r.get("recipe_id") == rid and r.get("ms") is not None and r.get("threads") == args.threads}
+    if not args.retime and all((c, b, t) in have for c in timed for b, t in shapes):
+        print(f"every configuration already timed in {out}, not timed again (--retime to redo)", flush=True)
+        return [r for r in records if r.get("recipe_id") == rid]
+    csr = model_dir(args, dataset, rid, "px90") if "px90-csr" in wanted else None
+    new = time_configs({n: models[n] for n in timed if n in models}, {n: accuracy[n] for n in timed}, shapes,
+                       args.runs, rid, csr)
+    records = merge(records, new)
+    save_records(out, records)
+    return [r for r in records if r.get("recipe_id") == rid]
+
+
+LABELS = {
+    "dense": "dense MiniLM (teacher)",
+    "px90": "PX 90%, dense kernels",
+    "px90-csr": "PX 90%, sparse kernels (auto per shape)",
+    "pcn50": "structured PCN, FFN x0.5",
+    "pcn25": "structured PCN, FFN x0.25",
+    "pcn50-px80": "PCN FFN x0.5 + PX 80%",
+}
+
+
+def label(r: dict[str, Any]) -> str:
+    if r["config"] in ("blocks", "blocks-top"):
+        how = "PX rank" if r["config"] == "blocks" else "the top ones"
+        return f"{r['blocks_removed']} of {r['num_blocks'] + r['blocks_removed']} blocks removed ({how})"
+    if r["config"] == "pcn25-top1":
+        return "structured PCN, FFN x0.25, top block removed"
+    if r["config"] == "fast":
+        return (f"fast preset: {r['blocks_removed']} block{'s' * (r['blocks_removed'] != 1)} removed, "
+                f"FFN x{r['ffn_fraction']:.3g}, "
+                f"PX {r.get('px_sparsity', 0):.0%}")
+    return LABELS.get(r["config"], r["config"])
+
+
+def summary(records: list[dict[str, Any]]) -> str:
+    """Markdown: one row per configuration, accuracy and speed-up (median ms) at every shape."""
+    if not records:
+        return "no records"
+    parts = []
+    for rid in dict.fromkeys(r.get("recipe_id") for r in records):
+        group = [r for r in records if r.get("recipe_id") == rid]
+        shapes = sorted({(r["batch"], r["tokens"]) for r in group}, key=lambda s: (s[0], s[1]))
+        configs = [c for c in CONFIGS if any(r["config"] == c for r in group)]
+        configs += [c for c in dict.fromkeys(r["config"] for r in group) if c not in configs]
+        cell = {(r["config"], r["batch"], r["tokens"]): r for r in group}
+        head = ["configuration", "blocks x FFN", "sparsity", "accuracy", "% of dense"]
+        head += [f"{b}x{t} ({'latency' if b == 1 else 'throughput'})" for b, t in shapes]
+        lines = ["| " + " | ".join(head) + " |", "| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(shapes)]
+        for c in configs:
+            first = next(cell[(c, b, t)] for b, t in shapes if (c, b, t) in cell)
+            row = [label(first), f"{first['num_blocks']} x {first['ffn_width']}", f"{first['sparsity']:.0%}",
+                   f"{first['accuracy']:.3f}", f"{first['retained']:.1%}"]
+            for b, t in shapes:
+                r = cell.get((c, b, t))
+                if r is None or r.get("ms") is None:
+                    row.append("-")
+                elif c == "dense":
+                    row.append(f"1.00x ({r['ms']:.1f} ms)")
+                else:
+                    row.append(f"{r['speedup']:.2f}x ({r['ms']:.1f} ms)")
+            lines.append("| " + " | ".join(row) + " |")
+        timed = [r for r in group if r.get("ms") is not None]
+        if timed:
+            loads = [r["load_average"] for r in timed if r.get("load_average") is not None]
+            runs = sorted({r["runs"] for r in timed})
+            threads = sorted({r["threads"] for r in timed})
+            lines.append("")
+            lines.append(f"Recipe {group[0]['recipe']} ({rid}); speed-up = dense ms / ms, both from one interleaved "
+                         f"side-by-side measurement per shape, median of {'/'.join(map(str, runs))} runs, "
+                         f"{'/'.join(map(str, threads))} thread(s); 1-minute load average "
+                         + (f"{min(loads):.1f}-{max(loads):.1f}" if loads else "unknown")
+                         + f"; accuracy on {group[0].get('eval_size')} held-out examples.")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if not args.summary_only:
+        from hf_px.commands.demo import minilm_path
+        from hf_px.modeling import load_model, load_processor
+
+        torch.set_num_threads(args.threads)
+        wall = time.perf_counter()
+        model_path = minilm_path() if args.model == recovery.PACKAGED else args.model
+        splits = load_splits(recovery.BUILTIN["rt"], args.train_size, args.eval_size)
+        tokenizer = load_processor(model_path)
+        n_labels = len(set(splits[0]["label"]))
+
+        def pretrained(seed: int) -> nn.Module:
+            torch.manual_seed(seed)  # the new head: the same for every configuration
+            return load_model(model_path, "sequence-classification", num_labels=n_labels)
+
+        run_all(args, "rt", splits, tokenizer, pretrained, recovery.BUILTIN["rt"])
+        print(f"total {time.perf_counter() - wall:.0f} s wall", flush=True)
+    print(summary(load_records(out)))
+
+
+if __name__ == "__main__":
+    main()
