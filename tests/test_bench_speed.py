@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "was"]
 SHAPES = [(1, 8), (2, 16)]
-ALL = ["dense", "px90", "px90-csr", "pcn50", "pcn25", "pcn50-px80", "blocks", "fast"]
+ALL = ["dense", "px90", "px90-csr", "pcn50", "pcn25", "pcn50-px80", "blocks", "blocks-top", "pcn25-top1", "fast"]
 
 
 @pytest.fixture(scope="module")
