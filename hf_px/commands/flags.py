@@ -3,6 +3,13 @@
 ``hf-px prune`` and ``hf-px finetune`` keep their familiar flag names, but each flag is only a name for config
 keys: its help is the config field's own documentation, its value goes into the :class:`~hf_px.RunConfig` the
 command runs, and library errors, written with config keys, are shown with the flag names.
+
+Help is plain text: the field docstrings are written for the Python API (reST markup, names of functions and
+modules), so :func:`key_help` strips the markup, and :data:`CLI_HELP` says in a user's terms what a few fields'
+docstrings say by pointing into the code. A renamed flag keeps its old name as a hidden alias that still works
+and prints a deprecation note (:func:`add_deprecated_alias`).
+
+This module imports only the standard library at import time: every command's parser uses it.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import argparse
 import dataclasses
 import re
 import shutil
+import sys
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +37,9 @@ class Flag:
         const: a switch's value (``True``; ``False`` for a ``--no-X`` flag); None: the flag takes a value.
         choices: the values it accepts, listed in ``--help``.
         required: the command cannot run without it.
+        aliases: former names, still accepted (hidden from ``--help``, with a deprecation note when used).
+        help: the flag's own help, when the key's documentation (written for the run config) would mislead
+            for this command.
     """
 
     name: str
@@ -36,6 +47,8 @@ class Flag:
     const: bool | None = None
     choices: tuple[str, ...] | None = None
     required: bool = False
+    aliases: tuple[str, ...] = ()
+    help: str | None = None
 
     @property
     def dest(self) -> str:
@@ -43,8 +56,8 @@ class Flag:
 
 
 def flag(name: str, *keys: str, const: bool | None = None, choices: Iterable[str] | None = None,
-         required: bool = False) -> Flag:
-    return Flag(name, keys, const, tuple(choices) if choices is not None else None, required)
+         required: bool = False, aliases: Iterable[str] = (), help: str | None = None) -> Flag:
+    return Flag(name, keys, const, tuple(choices) if choices is not None else None, required, tuple(aliases), help)
 
 
 def arg_docs(cls: type) -> dict[str, str]:
@@ -81,9 +94,53 @@ def key_field(key: str) -> tuple[type, dataclasses.Field]:
     return SECTIONS[section][0], next(f for f in section_fields(section) if f.name == name)
 
 
+# Command-line help for the fields whose API docstring points into the code (a module, a constant, a script, a
+# docs section); the others' docstrings, stripped of markup, are their help. tests/test_cli.py fails on any help
+# text that points into the code, so a new docstring of that kind gets its entry here (or a plainer docstring).
+CLI_HELP: dict[str, str] = {
+    "prune.rounds": "number of iterative rounds, 1 to 10,000; density follows d_r = d^(r/R) with one global "
+    "threshold.",
+    "prune.source": "the weights the run compresses (PCN and pruning): pretrained, the checkpoint as loaded (the "
+    "PX paper's setting: scores from the pretrained weights on downstream batches), or teacher, the dense model "
+    "after the run's teacher stage fine-tuned it on the task.",
+    "prune.options": "the method's own settings as a mapping, e.g. {a_gate: bound} for px or {per_row: false} for "
+    "wanda; null: the method's defaults. Each one is also a key of its own (prune.options.KEY, listed with the "
+    "methods that have it). Unknown keys are errors.",
+    "prune.options.b_length": "encoders: sequence length of the B pass, which sets how much attention "
+    "(token-route) paths count against skip and MLP paths. null: the calibration set's mean real length; 1: no "
+    "token-route factor.",
+    "pcn.mode": "structured (FFN neuron selection; stock transformers reloads the result) or projection (frozen "
+    "per-block Q/K/V input basis; BERT family; reloading needs hf-px installed and import hf_px.pcn, or "
+    "trust_remote_code).",
+    "pcn.score": "neuron score in structured mode: leverage (sum of squared loadings on the top-k directions), l1 "
+    "(PCN's rule), weighted (squared loadings weighted by the eigenvalues) or output (weighted times the squared "
+    "norm of the neuron's output column; the default: it beat leverage on MiniLM before and after fine-tuning).",
+    "finetune.freeze_embeddings": "keep the input embeddings (word, position and token-type; ViT patch and "
+    "position) fixed: no gradient and no optimizer state.",
+}
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")  # :class:`~a.b.C` -> C, :func:`f` -> f
+_PY_CONSTANT = re.compile(r"\b(None|True|False)\b")
+_YAML = {"None": "null", "True": "true", "False": "false"}
+
+
+def plain_text(doc: str) -> str:
+    """A docstring fragment as plain text: no reST roles or double backquotes, one line, and Python's
+    None/True/False as they are written in the YAML config and on the command line (null/true/false)."""
+    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(0).count("~") else m.group(1), doc)
+    text = _PY_CONSTANT.sub(lambda m: _YAML[m.group(1)], text)
+    return " ".join(text.replace("``", "").split())
+
+
 def key_help(key: str) -> str:
+    """The plain-text help of a config key: :data:`CLI_HELP`, else its field's docstring."""
+    if key in CLI_HELP:
+        return CLI_HELP[key]
+    if key == "prune.method":  # the docstring names the function that lists them; the help lists them
+        from ..pruning.scoring import SCORERS
+
+        return f"scoring method: {', '.join(sorted(SCORERS))}."
     cls, f = key_field(key)
-    return arg_docs(cls).get(f.name, "")
+    return plain_text(arg_docs(cls).get(f.name, ""))
 
 
 def key_default(key: str) -> Any:
@@ -91,6 +148,34 @@ def key_default(key: str) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None if f.default is dataclasses.MISSING else f.default
+
+
+def format_default(value: Any) -> str:
+    """A default as it would be written in the YAML config: true, null, [a, b], bare strings."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_default(v) for v in value) + "]"
+    return str(value)
+
+
+def off_section(key: str) -> str | None:
+    """The section of ``key`` when that section is off unless asked for (pcn, teacher, distill), else None: its
+    defaults apply only once it is on, and the help says so."""
+    from ..pipeline.config import OPTIONAL
+
+    section = key.split(".", 1)[0]
+    return section if section in OPTIONAL else None
+
+
+def default_text(key: str, default: Any) -> str:
+    """``default X`` for the help of ``key``; empty for no default (null or an empty list)."""
+    if default is None or default in ("", (), []):
+        return ""
+    section = off_section(key)
+    return f"default {format_default(default)}" + (f" when {section} is on" if section else "")
 
 
 def _number(text: str) -> int | float:
@@ -116,22 +201,55 @@ class ConfigHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         key = getattr(action, "config_key", None)
-        if key is None:
+        if key is None or action.help == argparse.SUPPRESS:
             return action.help or ""
         if isinstance(action, argparse._StoreConstAction):
-            where = f"sets {key}: {str(action.const).lower()}"
+            where = f"sets {key}: {format_default(action.const)}"
         else:
-            default = getattr(action, "config_default", None)
-            default = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-            where = key + (f", default {default}" if default not in (None, "") else "")
+            default = default_text(key.split(", ")[0], getattr(action, "config_default", None))
+            where = key + (f", {default}" if default else "")
         return f"{action.help or ''} [{where}]".replace("%", "%%")
+
+
+def _deprecated(action_class: type[argparse.Action]) -> type[argparse.Action]:
+    """``action_class`` that also prints, when its flag is used, that the flag was renamed."""
+
+    class Deprecated(action_class):  # type: ignore[valid-type, misc]
+        def __init__(self, *args: Any, replacement: str, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.replacement = replacement
+            self.deprecated_alias = True  # the unknown-flag hints never suggest it
+
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                     option_string: str | None = None) -> None:
+            print(f"hf-px: {option_string} is deprecated; use {self.replacement}.", file=sys.stderr)
+            super().__call__(parser, namespace, values, option_string)
+
+    return Deprecated
+
+
+_DEPRECATED_STORE = _deprecated(argparse._StoreAction)
+_DEPRECATED_CONST = _deprecated(argparse._StoreConstAction)
+
+
+def add_deprecated_alias(container: Any, alias: str, action: argparse.Action) -> argparse.Action:
+    """Accept ``alias`` as a hidden, deprecated name of ``action``'s flag: same destination, type and value."""
+    kwargs: dict[str, Any] = {"dest": action.dest, "default": action.default, "help": argparse.SUPPRESS,
+                              "replacement": action.option_strings[0]}
+    if isinstance(action, argparse._StoreConstAction):
+        kwargs.update(action=_DEPRECATED_CONST, const=action.const)
+    else:
+        kwargs.update(action=_DEPRECATED_STORE, type=action.type, nargs=action.nargs, choices=action.choices,
+                      metavar=action.metavar)
+    return container.add_argument(alias, **kwargs)
 
 
 def add_flags(parser: argparse.ArgumentParser, groups: dict[str, tuple[Flag, ...]]) -> None:
     for title, flags in groups.items():
         group = parser.add_argument_group(title)
         for f in flags:
-            kwargs: dict[str, Any] = {"dest": f.dest, "default": argparse.SUPPRESS, "help": key_help(f.keys[0])}
+            kwargs: dict[str, Any] = {"dest": f.dest, "default": argparse.SUPPRESS,
+                                      "help": f.help or key_help(f.keys[0])}
             if f.const is not None:
                 kwargs.update(action="store_const", const=f.const)
             else:
@@ -140,6 +258,8 @@ def add_flags(parser: argparse.ArgumentParser, groups: dict[str, tuple[Flag, ...
             action = group.add_argument(f.name, **kwargs)
             action.config_key = ", ".join(f.keys)
             action.config_default = None if f.required else key_default(f.keys[0])
+            for alias in f.aliases:
+                add_deprecated_alias(group, alias, action)
 
 
 def overrides(args: argparse.Namespace, flags: Iterable[Flag]) -> dict[str, Any]:

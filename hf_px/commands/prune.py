@@ -11,14 +11,17 @@ from ..pipeline.table import folders
 from ..pruning.scoring import SCORERS
 from .flags import ConfigHelpFormatter, add_flags, discard, flag, run_stages
 
+HELP = "prune a checkpoint to a target sparsity with PX (or a baseline)"
 EPILOG = """examples:
-  hf-px prune --model ./minilm --dataset builtin:rotten_tomatoes --sparsity 0.9 --output-dir out/
+  hf-px prune --model builtin:minilm --dataset builtin:rotten_tomatoes --sparsity 0.9 --output-dir out/
   hf-px prune --model bert-base-uncased --dataset glue --dataset-config sst2 --text-column sentence \\
       --sparsity 0.8 --rounds 50 --output-dir out/
 """
 
-PUSH = (flag("--push-to-hub", "push.enabled", const=True), flag("--hub-model-id", "push.hub_model_id"),
-        flag("--hub-private", "push.private", const=True))
+# the Hub flags of every command (hf-px push too): --hub-* as in transformers' TrainingArguments
+PUSH = (flag("--push-to-hub", "push.enabled", const=True),
+        flag("--hub-model-id", "push.hub_model_id", aliases=("--repo-id",)),
+        flag("--hub-private", "push.private", const=True, aliases=("--private",)))
 GROUPS = {
     "model": (
         flag("--model", "model.name_or_path", required=True), flag("--task", "model.task", choices=TASKS),
@@ -27,10 +30,12 @@ GROUPS = {
         flag("--allow-pickle", "model.allow_pickle", const=True)),
     "calibration data": (
         flag("--dataset", "data.dataset"), flag("--dataset-config", "data.dataset_config"),
-        flag("--split", "data.train_split"), flag("--text-column", "data.text_column"),
+        flag("--train-split", "data.train_split", aliases=("--split",)), flag("--text-column", "data.text_column"),
         flag("--label-column", "data.label_column"), flag("--image-column", "data.image_column"),
         flag("--per-class", "data.per_class"), flag("--num-batches", "data.num_batches"),
-        flag("--batch-size", "data.calibration_batch_size"), flag("--max-length", "data.max_length"),
+        # --batch-size is the training batch in hf-px finetune; calibration batches get their own name
+        flag("--calibration-batch-size", "data.calibration_batch_size", aliases=("--batch-size",)),
+        flag("--max-length", "data.max_length"),
         flag("--drop-empty-text", "data.drop_empty_text", const=True)),
     "pruning": (
         flag("--method", "prune.method", choices=sorted(SCORERS)), flag("--sparsity", "prune.sparsity"), flag("--rounds", "prune.rounds"),
@@ -42,7 +47,9 @@ GROUPS = {
         flag("--pcn-variance", "pcn.variance"), flag("--pcn-width", "pcn.width"),
         flag("--pcn-mode", "pcn.mode", choices=("structured", "projection"))),
     "output": (
-        flag("--output-dir", "output.model_dir", required=True),
+        flag("--output-dir", "output.model_dir", required=True,
+             help="the folder the pruned checkpoint is written to, renamed into place once complete: new, empty, "
+             "or an earlier hf-px checkpoint with --overwrite."),
         flag("--format", "output.format", choices=("dense", "sparse")),
         flag("--overwrite", "output.overwrite", const=True), *PUSH),
 }
@@ -52,7 +59,7 @@ FLAGS = tuple(f for group in GROUPS.values() for f in group)
 def register(sub: argparse._SubParsersAction) -> None:
     methods = "\n".join(f"  {name}: {cls.description}" for name, cls in sorted(SCORERS.items()))
     p = sub.add_parser(
-        "prune", help="prune a checkpoint to a target sparsity with PX (or a baseline)",
+        "prune", help=HELP,
         description="Prune the block matrices of a Hugging Face checkpoint to a target sparsity. Scores are "
         "recomputed over --rounds rounds with density d^(r/R) and one global threshold; embeddings, norms, "
         "biases, pooler and heads stay dense. The result is saved atomically to --output-dir. Each flag sets the "

@@ -1,11 +1,11 @@
-"""``hf-px run CONFIG``: the whole pipeline from one YAML/JSON file, resumable, one folder per stage.
+"""hf-px run CONFIG: the whole pipeline from one YAML/JSON file, resumable, one folder per stage.
 
-Every config key is also a flag (``--prune.sparsity 0.8``; values are read as YAML, so ``null``, ``true`` and
-lists work). ``hf-px prune`` / ``hf-px finetune`` are this pipeline with some stages off; their flags are names
-for these keys (``hf_px.commands.flags``).
+Every config key is also a flag (--prune.sparsity 0.8; values are read as YAML, so null, true and lists work).
+hf-px prune and hf-px finetune are this pipeline with some stages off; their flags are names for these keys.
+--help lists the everyday keys, --help-all every key.
 
 examples:
-  hf-px run scripts/configs/tiny-smoke.yaml --output.output_dir runs/smoke
+  hf-px run scripts/configs/tiny-smoke.yaml --output-dir runs/smoke
   hf-px run scripts/configs/minilm-rotten-tomatoes.yaml --prune.sparsity 0.9 --force
   accelerate launch --config_file scripts/configs/accelerate_cpu2.yaml -m hf_px run scripts/configs/tiny-smoke.yaml
 """
@@ -15,26 +15,73 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .flags import key_default, key_help, quiet_progress
+from .flags import default_text, key_default, key_help, off_section, quiet_progress
+
+HELP = "the whole pipeline from a YAML/JSON config (resumable, one folder per stage)"
+
+# The keys `hf-px run --help` shows; --help-all shows every key. Every key is a flag either way.
+EVERYDAY = (
+    "model.name_or_path", "model.task", "model.num_labels", "model.tokenizer",
+    "data.dataset", "data.dataset_config", "data.text_column", "data.label_column", "data.max_train_samples",
+    "data.max_eval_samples", "data.per_class", "data.max_length",
+    "pcn.variance", "pcn.width",
+    "prune.method", "prune.sparsity", "prune.rounds", "prune.source",
+    "teacher.checkpoint",
+    "finetune.epochs", "finetune.learning_rate", "finetune.batch_size", "finetune.peft",
+    "distill.temperature", "distill.alpha",
+    "evaluate.metrics",
+    "output.output_dir", "output.format", "output.model_dir", "output.overwrite",
+    "push.enabled", "push.hub_model_id", "push.private",
+    "report.plots",
+)
+
+
+class _HelpAll(argparse.Action):
+    """``--help-all``: show the hidden keys' help too, print, exit (as ``--help`` does)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        for action in parser._actions:
+            if getattr(action, "full_help", None) is not None:
+                action.help = action.full_help
+        parser.print_help()
+        parser.exit()
+
+
+def _section_title(section: str) -> str:
+    if off_section(f"{section}.x"):
+        return f"{section} (config section, off unless the file has it; any --{section}.KEY VALUE switches it on)"
+    return f"{section} (config section; --{section}.KEY VALUE overrides the file)"
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     from ..pipeline.config import SECTIONS, option_fields, section_fields
 
+    options = option_fields()
     for section in SECTIONS:
-        g = p.add_argument_group(f"{section} (config section; --{section}.KEY VALUE overrides the file)")
+        g = p.add_argument_group(_section_title(section))
         keys = [f"{section}.{f.name}" for f in section_fields(section)]
-        for key in keys + (list(option_fields()) if section == "prune" else []):
-            methods = [m for m, _ in option_fields().get(key, ())]  # a method option names its methods
+        for key in keys + (list(options) if section == "prune" else []):
+            methods = [m for m, _ in options.get(key, ())]  # a method option names its methods
             text = (f"({', '.join(methods)}) " if methods else "") + key_help(key)
-            g.add_argument(f"--{key}", dest=f"key:{key}", default=argparse.SUPPRESS, metavar="VALUE",
-                           help=f"{text} (default: {key_default(key)!r})".replace("%", "%%"))
+            default = default_text(key, key_default(key))
+            full = f"{text} ({default})" if default else text
+            action = g.add_argument(f"--{key}", dest=f"key:{key}", default=argparse.SUPPRESS, metavar="VALUE",
+                                    help=full.replace("%", "%%"))
+            action.full_help = action.help
+            if key not in EVERYDAY:  # still a flag; --help-all shows it
+                action.help = argparse.SUPPRESS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="the whole pipeline from a YAML/JSON config (resumable, one folder per stage)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("run", help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       usage="%(prog)s [-h] [--help-all] CONFIG [--output-dir DIR] [--force] [--check] "
+                       "[--SECTION.KEY VALUE ...] [--set KEY=VALUE ...]")
     p.add_argument("config", help="YAML or JSON run config (examples: scripts/configs/*.yaml).")
+    p.add_argument("--help-all", action=_HelpAll, help="show every config key, not only the everyday ones, and exit.")
     p.add_argument("--output-dir", default=None, help="run folder; same as --output.output_dir.")
     p.add_argument("--force", action="store_true", help="redo every stage, even complete ones.")
     p.add_argument("--check", action="store_true", help="validate the config and inputs, write nothing, exit.")
