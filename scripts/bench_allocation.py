@@ -18,7 +18,7 @@ import torch
 from bench_quality import load_splits, prune_config
 
 import hf_px
-from hf_px.commands.demo import minilm_path
+from hf_px.builtin import minilm_path
 from hf_px.data import calibration_batches
 from hf_px.modeling import load_model, load_processor
 from hf_px.pruning.report import format_table

@@ -33,7 +33,7 @@ def prune_minilm(sparsity: float, folder: pathlib.Path) -> pathlib.Path:
     from transformers import AutoModelForSequenceClassification
 
     import hf_px
-    from hf_px.commands.demo import minilm_path
+    from hf_px.builtin import minilm_path
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)

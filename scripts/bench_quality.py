@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import hf_px
-from hf_px.commands.demo import minilm_path
+from hf_px.builtin import minilm_path
 from hf_px.data import calibration_batches, load_dataset_any
 from hf_px.modeling import load_model, load_processor
 from hf_px.pruning.report import format_table

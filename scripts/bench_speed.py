@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     if not args.summary_only:
-        from hf_px.commands.demo import minilm_path
+        from hf_px.builtin import minilm_path
         from hf_px.modeling import load_model, load_processor
 
         torch.set_num_threads(args.threads)

