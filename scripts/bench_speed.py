@@ -82,6 +82,10 @@ DEFAULT_SHAPES = "1x32,1x128,32x64"
 RECIPE_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length", "per_class",
                "rounds", "temperature", "alpha", "seed", "remove_blocks", "fast_target", "fast_sparsity",
                "plan_shapes", "plan_runs")
+# the settings only one configuration depends on: they name its own folder, so changing the fast preset does not
+# retrain the others
+OWN_KEYS = {"blocks": ("remove_blocks",), "blocks-top": ("remove_blocks",),
+            "fast": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs")}
 TIMING_KEYS = ("dense_ms", "ms", "speedup", "threads", "load_average", "runs", "timing_id")
 
 
@@ -109,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--remove-blocks", type=int, default=3, help="blocks removed by the 'blocks' configuration")
     p.add_argument("--fast-target", type=float, default=2.0, help="the fast preset's target speed-up")
-    p.add_argument("--fast-sparsity", type=float, default=0.5, help="PX sparsity after the fast preset's plan")
+    p.add_argument("--fast-sparsity", type=float, default=0.0,
+                   help="PX sparsity after the fast preset's plan (default 0: with dense kernels it buys no speed, "
+                   "and 50%% cost 4 points in the first run)")
     p.add_argument("--plan-shapes", default="",
-                   help="shapes the fast preset plans for (default: SpeedConfig's own, 1x128 and 32x64)")
+                   help="shapes the fast preset plans for (default: SpeedConfig's own, 1x32, 1x128 and 32x64)")
     p.add_argument("--plan-runs", type=int, default=None, help="timing rounds per planned candidate "
                    "(default: SpeedConfig's own)")
     p.add_argument("--quick", action="store_true",
@@ -158,7 +164,9 @@ def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def recipe_id(args: argparse.Namespace, teacher_folder: Path | str) -> str:
     # the teacher is part of the recipe: a student distilled from another teacher is another result
-    blob = json.dumps([recipe_params(args), Path(teacher_folder).name], sort_keys=True)
+    own = {k for keys in OWN_KEYS.values() for k in keys}
+    common = {k: v for k, v in recipe_params(args).items() if k not in own}
+    blob = json.dumps([common, Path(teacher_folder).name], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -172,7 +180,9 @@ def recovery_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def model_dir(args: argparse.Namespace, dataset: str, rid: str, name: str) -> Path:
-    return Path(args.work_dir) / "speed" / f"{dataset}-seed{args.seed}-{rid}" / name
+    own = {k: getattr(args, k) for k in OWN_KEYS.get(name, ())}
+    tag = f"-{hashlib.sha1(json.dumps(own, sort_keys=True).encode()).hexdigest()[:8]}" if own else ""
+    return Path(args.work_dir) / "speed" / f"{dataset}-seed{args.seed}-{rid}" / f"{name}{tag}"
 
 
 def shape_of(model: nn.Module) -> dict[str, Any]:

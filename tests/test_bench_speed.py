@@ -58,7 +58,7 @@ def _args(bench, folder: Path, *extra: str):
     return bench.parse_args([
         "--shapes", ",".join(f"{b}x{t}" for b, t in SHAPES), "--runs", "2", "--steps", "2", "--batch-size", "8",
         "--max-length", "16", "--per-class", "4", "--rounds", "2", "--remove-blocks", "1", "--recipe", "toy",
-        "--plan-shapes", "1x16,4x16", "--plan-runs", "1",
+        "--plan-shapes", "1x16,4x16", "--plan-runs", "1", "--fast-sparsity", "0.5",
         "--work-dir", str(folder / "work"), "--out", str(folder / "speed.json"), *extra])
 
 

@@ -10,7 +10,7 @@ structured PCN narrows every FFN to the chosen width.
 Example:
     >>> from hf_px.speed.plan import SpeedConfig
     >>> SpeedConfig(target_speedup=2.0).shapes
-    ((1, 128), (32, 64))
+    ((1, 32), (1, 128), (32, 64))
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class SpeedConfig:
 
     Args:
         target_speedup: wanted latency ratio dense / shrunk at every shape (> 1), measured on this machine.
-        shapes: (batch, tokens) pairs to time; the default covers batch-1 latency and batch-32 throughput.
+        shapes: (batch, tokens) pairs to time; the default covers batch-1 latency on short and long inputs and
+            batch-32 throughput.
         blocks_removed: a fixed number of blocks to remove instead of planning it (None: planned).
         ffn_fraction: a fixed FFN width, as a fraction of the original, instead of planning it (None: planned).
         runs: interleaved timing rounds per candidate (the median counts).
@@ -46,7 +47,7 @@ class SpeedConfig:
     """
 
     target_speedup: float = 2.0
-    shapes: tuple[tuple[int, int], ...] = ((1, 128), (32, 64))
+    shapes: tuple[tuple[int, int], ...] = ((1, 32), (1, 128), (32, 64))
     blocks_removed: int | None = None
     ffn_fraction: float | None = None
     runs: int = 5
