@@ -198,3 +198,15 @@ def test_card_round_trips_through_readme(tmp_path):
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.to_dict() == card.data.to_dict()
     assert json.loads(json.dumps(loaded.data.to_dict()))["base_model"] == MINILM_HUB
+
+
+def test_a_speed_planned_model_shows_its_measured_latency():
+    speed = {"target_speedup": 2.0, "shapes": [
+        {"batch": 1, "tokens": 32, "dense_ms": 10.0, "ms": 4.0, "speedup": 2.5, "threads": 1},
+        {"batch": 32, "tokens": 64, "dense_ms": 300.0, "ms": 150.0, "speedup": 2.0, "threads": 1}]}
+    shrink = {"blocks_removed": 1, "num_blocks": 6, "ffn_width": 384, "ffn_fraction": 0.25}
+    text = str(build_card({"method": "none (not pruned)", "layers": [], "speed": speed, "shrink": shrink},
+                          base_model="builtin:minilm"))
+    assert "## Speed" in text and "1 of 6 blocks removed" in text and "FFN width 384 (25.0% of the original)" in text
+    assert "| 1 x 32 | 10.00 | 4.00 | 2.50x |" in text and "| 32 x 64 | 300.00 | 150.00 | 2.00x |" in text
+    assert "## Speed" not in str(build_card({"method": "none (not pruned)", "layers": []}, base_model="builtin:minilm"))

@@ -410,4 +410,20 @@ def build_card(
                         "-" if r["retained"] is None else f"{100 * r['retained']:.1f}%") for r in baseline or []],
         eval_dataset=_describe_dataset(dataset, hub_dataset),
         plots=plots or [],
+        speed=_speed_section(report.get("speed"), report.get("shrink")),
     )
+
+
+def _speed_section(speed: dict | None, shrink: dict | None) -> dict | None:
+    """The latency table of a ``speed``-planned run (``hf-px run``'s save stage measures it)."""
+    if not speed or not speed.get("shapes"):
+        return None
+    rows = [(f"{r['batch']} x {r['tokens']}", f"{r['dense_ms']:.2f}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}x")
+            for r in speed["shapes"]]
+    plan = None
+    if shrink:
+        plan = (f"{shrink['blocks_removed']} of {shrink['num_blocks']} blocks removed (lowest PX scores), FFN width "
+                f"{shrink['ffn_width']} ({100 * shrink['ffn_fraction']:.1f}% of the original), planned for a "
+                f"{speed['target_speedup']:g}x speed-up")
+    threads = speed["shapes"][0].get("threads")
+    return {"rows": rows, "plan": plan, "threads": threads}
