@@ -127,10 +127,10 @@ def test_rerun_skips_complete_stages_and_redoes_what_changed(tmp_path):
     assert all(third.stages[s] == "ran" for s in ("prune", "finetune", "evaluate", "save", "report", "card"))
     assert third.report["prune"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     # a damaged file makes its stage (and the ones after) run again; --force redoes all
-    weights = out / "04-prune" / "model" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
+    masks = out / "04-prune" / "masks.safetensors"  # the prune stage keeps masks over the model it started from
+    data = bytearray(masks.read_bytes())
     data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    masks.write_bytes(bytes(data))
     fourth = run_pipeline(cfg, progress=False, overrides={"prune.sparsity": 0.5})
     assert fourth.stages["calibrate"] == "skipped" and fourth.stages["prune"] == "ran"
     forced = run_pipeline(cfg, progress=False, overrides={"prune.sparsity": 0.5}, force=True)

@@ -24,6 +24,16 @@ def _head(model_dir: Path) -> torch.Tensor:
     return load_file(str(model_dir / "model.safetensors"))["classifier.weight"]
 
 
+def _teacher_with_masks_digest(out: Path) -> str:
+    """The digest of the teacher's model with the prune stage's masks applied (what PX pruned from the teacher)."""
+    from hf_px.pipeline.steps import load_masks, state_digest
+    from hf_px.pruning.masks import apply_masks
+
+    model = hf_px.load(str(out / "00-teacher" / "model")).eval()
+    apply_masks(model, load_masks(out / "04-prune" / "masks.safetensors"))
+    return state_digest(model)
+
+
 def test_teacher_is_the_baseline_the_distillation_source_and_what_is_pruned(tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(out, teacher={}, distill={"alpha": 0.5, "temperature": 2.0}, pcn=None,
@@ -33,8 +43,12 @@ def test_teacher_is_the_baseline_the_distillation_source_and_what_is_pruned(tmp_
     teacher = _summary(out, "00-teacher")
     assert teacher["steps"] == _summary(out, "05-finetune")["steps"] > 0  # the same recipe
     assert _summary(out, "05-finetune")["distilled_from"] == "00-teacher"
-    # heads are never pruned: the pruned model's head is the teacher's trained head, not a fresh one
-    assert torch.equal(_head(out / "04-prune" / "model"), _head(out / "00-teacher" / "model"))
+    # the pruned model is the teacher's (its trained head, not a fresh one) with the masks applied: the prune
+    # stage stores the masks over the teacher's folder, and the fine-tuned model starts from that head
+    assert _summary(out, "04-prune")["model"] == "masks over 00-teacher/model"
+    assert not (out / "04-prune" / "model").exists()
+    assert _summary(out, "04-prune")["model_sha256"] == _teacher_with_masks_digest(out)
+    assert not torch.equal(_head(out / "05-finetune" / "model"), _head(out / "00-teacher" / "model"))  # trained on
 
     report = json.loads((out / "report.json").read_text())
     dense, final = report["teacher"]["metrics"], report["evaluate"]
@@ -68,7 +82,8 @@ def test_source_pretrained_prunes_the_starting_model_not_the_teacher(tmp_path):
                       finetune={"max_steps": 2, "batch_size": 16, "progress_bar": False})
     result = hf_px.run(cfg, progress=False)
     assert result.stages["teacher"] == "ran"
-    assert not torch.equal(_head(out / "04-prune" / "model"), _head(out / "00-teacher" / "model"))
+    assert _summary(out, "04-prune")["model"] == "masks over the starting model"
+    assert _summary(out, "04-prune")["model_sha256"] != _teacher_with_masks_digest(out)
     assert "distilled_from" not in _summary(out, "05-finetune")  # a teacher without distill: baseline only
     assert json.loads((out / "report.json").read_text())["baseline"]
 

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -25,13 +26,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from ..registry import get_arch
-from .config import PCNConfig, PCNLayerReport, PCNReport
+from .config import FLOPS_DEFINITION, PCNConfig, PCNLayerReport, PCNReport
 from .modeling import PCNBertConfig, PCNBertForSequenceClassification, PCNBertModel
 from .projection import projection_pcn
-from .structured import count_params, linear_flops, structured_pcn
+from .structured import count_params, linear_flops, measured_width, structured_pcn
 
-__all__ = ["PCNConfig", "PCNLayerReport", "PCNReport", "apply_pcn", "PCNBertConfig", "PCNBertModel",
-           "PCNBertForSequenceClassification"]
+__all__ = ["FLOPS_DEFINITION", "PCNConfig", "PCNLayerReport", "PCNReport", "apply_pcn", "linear_flops",
+           "measured_width", "PCNBertConfig", "PCNBertModel", "PCNBertForSequenceClassification"]
 
 
 def _register() -> None:
@@ -47,6 +48,10 @@ def apply_pcn(model: nn.Module, batches: list[Mapping[str, torch.Tensor]], confi
     """Reduce widths of ``model`` in place from PCA statistics of ``batches`` (list of model-input dicts).
 
     ``labels`` are dropped from the batches; padding (``attention_mask == 0``) is left out of the statistics.
+    Every real token is one sample of each layer's PCA: a layer that keeps as many components as there are
+    tokens (or more) gets a rank-deficient PCA whose explained variance is 1.0 whatever the layer does; that is
+    warned about and flagged in ``report.undersampled``. Give at least
+    ``config.calibration_factor`` x :func:`measured_width` tokens (``hf-px run`` draws them).
     Structured mode keeps the model's class (stock ``from_pretrained`` reloads it); projection mode turns a
     BERT model into its ``pcn_bert`` class (``report.model`` is the same object). Run structured mode first
     and projection mode second to combine them.
@@ -64,11 +69,22 @@ def apply_pcn(model: nn.Module, batches: list[Mapping[str, torch.Tensor]], confi
     if not batches:
         raise ValueError("apply_pcn needs at least one calibration batch (a dict of model-input tensors).")
     spec = get_arch(model)
-    report = PCNReport(config=config, params_before=count_params(model), flops_before=linear_flops(model, spec))
+    report = PCNReport(config=config, params_before=count_params(model), flops_before=linear_flops(model))
     if config.mode == "structured":
         layers, tokens = structured_pcn(model, list(batches), config, spec)
     else:
         layers, tokens = projection_pcn(model, list(batches), config, spec)
     report.layers, report.calibration_tokens, report.model = layers, tokens, model
-    report.params_after, report.flops_after = count_params(model), linear_flops(model, spec)
+    report.params_after, report.flops_after = count_params(model), linear_flops(model)
+    short = report.undersampled_layers()
+    report.undersampled = bool(short)
+    if short:
+        keep = max(max(lr.width_after, lr.components) for lr in layers)
+        widest = max(lr.width_before for lr in layers)
+        warnings.warn(
+            f"PCN had {tokens:,} calibration tokens but keeps up to {keep:,} components (layers {short}): with "
+            f"fewer tokens than components the PCA is rank-deficient and its explained variance (1.0) says "
+            f"nothing about the layer. Give at least {config.calibration_factor:g} x {widest:,} = "
+            f"{int(config.calibration_factor * widest):,} tokens (more or longer calibration examples).",
+            UserWarning, stacklevel=2)
     return report

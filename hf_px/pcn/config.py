@@ -36,6 +36,12 @@ class PCNConfig:
             ``config.hf_px_pcn``; projection mode stores one rank per block.
         mean_compensation: fold the mean of dropped neurons into the FFN output bias (structured mode).
         project_ffn_input: projection mode also projects the FFN input (``proj_f``).
+        calibration_factor: calibration tokens per unit of the widest layer PCN measures (the FFN width in
+            structured mode, the hidden size in projection mode). A PCA of a D-wide layer from fewer than D
+            tokens is rank-deficient (every width reaches explained variance 1.0), so ``hf-px run`` draws PCN a
+            sample of its own with at least this many tokens per unit of width (capped by the training split);
+            0 uses the pruning calibration batches. :func:`~hf_px.pcn.apply_pcn` uses the batches it is given
+            and warns when they hold fewer tokens than the components a layer keeps.
 
     Example:
         >>> PCNConfig(variance=0.99).mode
@@ -52,6 +58,7 @@ class PCNConfig:
     uniform: bool = True
     mean_compensation: bool = True
     project_ffn_input: bool = False
+    calibration_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.width is not None and self.variance == _DEFAULT_VARIANCE:
@@ -87,6 +94,11 @@ class PCNConfig:
             raise ValueError(f"PCNConfig.score must be one of {', '.join(SCORES)}, got {self.score!r}.")
         if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
             raise ValueError(f"PCNConfig.multiple_of must be an integer >= 1, got {self.multiple_of!r}.")
+        if isinstance(self.calibration_factor, bool) or not isinstance(self.calibration_factor, (int, float)) \
+                or not 0.0 <= float(self.calibration_factor) <= 1000.0:
+            raise ValueError("PCNConfig.calibration_factor must be a number in [0, 1000] (calibration tokens per "
+                             f"unit of layer width; 0: the pruning batches), got {self.calibration_factor!r}.")
+        self.calibration_factor = float(self.calibration_factor)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,9 +118,19 @@ class PCNLayerReport:
         return asdict(self)
 
 
+FLOPS_DEFINITION = ("matmul FLOPs per token: 2 x the weights of every Linear layer (blocks, pooler, heads); "
+                    "embedding lookups and attention scores not counted")
+
+
 @dataclass
 class PCNReport:
-    """What :func:`hf_px.pcn.apply_pcn` did. ``model`` is the (possibly converted) model, not serialised."""
+    """What :func:`hf_px.pcn.apply_pcn` did. ``model`` is the (possibly converted) model, not serialised.
+
+    ``flops_before``/``flops_after`` follow :data:`FLOPS_DEFINITION` (:func:`hf_px.pcn.structured.linear_flops`,
+    the count ``hf-px run``'s size table uses too). ``undersampled`` is True when some layer kept at least as many
+    components as there were calibration tokens: its PCA had rank below the width, so its explained variance
+    (1.0 there) measures the sample size, not the layer.
+    """
 
     config: PCNConfig
     layers: list[PCNLayerReport] = field(default_factory=list)
@@ -117,7 +139,12 @@ class PCNReport:
     flops_before: int = 0
     flops_after: int = 0
     calibration_tokens: int = 0
+    undersampled: bool = False
     model: nn.Module | None = field(default=None, repr=False)
+
+    def undersampled_layers(self) -> list[int]:
+        """Layers that kept at least as many components as there were calibration tokens."""
+        return [lr.layer for lr in self.layers if self.calibration_tokens <= max(lr.width_after, lr.components)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,18 +154,22 @@ class PCNReport:
             "params_after": self.params_after,
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,
+            "flops_definition": FLOPS_DEFINITION,
             "calibration_tokens": self.calibration_tokens,
+            "undersampled": self.undersampled,
         }
 
     def __str__(self) -> str:
-        rows = [f"PCN ({self.config.mode}) on {self.calibration_tokens} calibration tokens",
+        rows = [f"PCN ({self.config.mode}) on {self.calibration_tokens} calibration tokens"
+                + (" (fewer than the components kept: explained variance is not measured)" if self.undersampled
+                   else ""),
                 f"{'layer':>5} {'kind':>8} {'width':>13} {'k_pca':>6} {'expl.var':>9} {'sel.var':>8}"]
         for lr in self.layers:
             sel = "" if lr.selected_variance is None else f"{lr.selected_variance:.4f}"
             rows.append(f"{lr.layer:>5} {lr.kind:>8} {lr.width_before:>6}->{lr.width_after:<6} "
                         f"{lr.components:>6} {lr.explained_variance:>9.4f} {sel:>8}")
         rows.append(f"params {self.params_before:,} -> {self.params_after:,} "
-                    f"(x{self.params_after / max(self.params_before, 1):.3f}); linear FLOPs/token "
+                    f"(x{self.params_after / max(self.params_before, 1):.3f}); matmul FLOPs/token "
                     f"{self.flops_before:,} -> {self.flops_after:,} "
                     f"(x{self.flops_after / max(self.flops_before, 1):.3f})")
         return "\n".join(rows)

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..registry import ArchSpec, base_model_of, get_module, is_linear_like, is_transposed, weight_out_in
+from ..registry import (
+    ArchSpec,
+    base_model_of,
+    get_arch,
+    get_module,
+    is_linear_like,
+    is_transposed,
+    weight_out_in,
+)
 from .config import PCNConfig, PCNLayerReport
 from .stats import choose_width, collect_input_moments, explained_variance, pca
 
@@ -195,11 +203,28 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def linear_flops(model: nn.Module, spec: ArchSpec) -> int:
-    """Per-token FLOPs (2 per multiply-add) of every Linear/Conv1D inside the repeated blocks."""
+def linear_flops(model: nn.Module, nonzero: bool = False) -> int:
+    """Matmul FLOPs per token: 2 (a multiply and an add) x the weights of every Linear/Conv1D of the model.
+
+    The one count hf-px reports, in PCN's report and in ``hf-px run``'s size table and card: blocks, pooler and
+    heads (a causal LM's output matrix too); embedding lookups and the attention score products, which grow with
+    the sequence rather than the weights, are not counted. ``nonzero=True`` counts the non-zero weights only (what
+    a sparse kernel multiplies). Only shapes are read without ``nonzero``, so a meta-device model works.
+    """
     total = 0
-    for block in spec.blocks(base_model_of(model)):
-        for m in block.modules():
-            if is_linear_like(m):
-                total += 2 * weight_out_in(m).numel()
+    for m in model.modules():
+        if is_linear_like(m):
+            w = weight_out_in(m)
+            total += 2 * (int(torch.count_nonzero(w)) if nonzero else w.numel())
     return total
+
+
+def measured_width(model: nn.Module, config: PCNConfig) -> int:
+    """The widest activation PCN takes a PCA of: the FFN width (structured) or the hidden size (projection).
+
+    Reads shapes only, so a meta-device skeleton answers without loading weights.
+    """
+    spec = get_arch(model)
+    if config.mode == "structured":
+        return max(weight_out_in(s.ffn_out).shape[1] for s in ffn_sites(model, spec))
+    return int(model.config.hidden_size)

@@ -17,7 +17,8 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,45 @@ def _say(msg: str, main: bool) -> None:
         print(f"[hf-px run] {msg}", flush=True)
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """transformers' and datasets' logs below errors and their progress bars off, restored on exit.
+
+    What this hides is the libraries' own chatter between the stage lines: transformers' LOAD REPORT (expected
+    here: a new classification head, a narrowed FFN), its "Loading weights" / "Writing model shards" bars and
+    datasets' "Map" bars. hf-px's own output (stage lines, pruning and fine-tuning progress, tables) and errors
+    stay. The Hub's download bars follow transformers' switch, so they are restored to what they were too.
+    """
+    import datasets
+    import huggingface_hub.utils as hub_utils
+    import transformers
+
+    tf_log, ds_log = transformers.logging.get_verbosity(), datasets.logging.get_verbosity()
+    tf_bar, ds_bar = transformers.logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    hub_off = hub_utils.are_progress_bars_disabled()
+    with warnings.catch_warnings():  # datasets warns when an environment variable overrides the switch
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transformers.logging.set_verbosity(tf_log)
+            datasets.logging.set_verbosity(ds_log)
+            if tf_bar:
+                transformers.logging.enable_progress_bar()
+            if ds_bar:
+                datasets.enable_progress_bars()
+            if hub_off:
+                hub_utils.disable_progress_bars()
+            else:
+                hub_utils.enable_progress_bars()
+
+
 def run(
     config: RunConfig | str | os.PathLike | dict,
     *,
@@ -88,6 +128,7 @@ def run(
     force: bool = False,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    verbose: bool = False,
 ) -> RunResult:
     """Run load -> teacher -> calibrate -> PCN -> PX -> fine-tune -> evaluate -> save -> report -> card -> push.
 
@@ -97,6 +138,8 @@ def run(
         force: redo every stage even when its folder is complete.
         progress: progress bars for pruning and fine-tuning.
         overrides: ``{"section.key": value}`` applied on top of the config.
+        verbose: keep transformers' and datasets' logs and progress bars (load reports, "Writing model
+            shards", "Map"); by default they are quiet while the pipeline runs (:func:`quiet_libraries`).
 
     Every input is checked before a model is loaded or a folder created (:class:`ConfigError`).
 
@@ -109,11 +152,13 @@ def run(
     if output_dir is not None:
         overrides["output.output_dir"] = str(output_dir)
     cfg = _load_config(config, overrides)
-    plan = check_run(cfg)
-    world, state = _world()
-    is_main = state is None or state.is_main_process
-    root = Path(cfg.output.output_dir).expanduser().absolute()
     with contextlib.ExitStack() as held:
+        if not verbose:  # from the checks on: they load the data (datasets' bars) and read model configs
+            held.enter_context(quiet_libraries())
+        plan = check_run(cfg)
+        world, state = _world()
+        is_main = state is None or state.is_main_process
+        root = Path(cfg.output.output_dir).expanduser().absolute()
         busy = None
         if is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -245,10 +290,11 @@ def _run_stage(ctx: Context, spec: StageSpec, stage: Stage, is_main: bool, force
         if spec.every_rank:
             spec.work(ctx, None, {})
         return
-    with stage.writing() as (tmp, summary):
+    # files equal to an earlier stage's (unchanged weights, tokenizers, masks) become hard links to it
+    with stage.writing(share_with=tuple(ctx.stages.values())) as (tmp, summary):
         spec.work(ctx, tmp, summary)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-__all__ = ["ConfigError", "RunConfig", "RunError", "RunResult", "run"]
+__all__ = ["ConfigError", "RunConfig", "RunError", "RunResult", "quiet_libraries", "run"]

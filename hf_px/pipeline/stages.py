@@ -4,6 +4,11 @@ A stage is complete only when its folder exists, its manifest's fingerprint matc
 section + upstream stages' content hashes) and every file still has the recorded size and sha256. Anything
 else (a missing, stale or tampered folder) is redone; a crash mid-stage leaves only a ``.tmp`` folder, which the
 next run removes.
+
+Stages share files instead of copying them: a file a stage writes whose bytes equal a file of an earlier complete
+stage of the run becomes a hard link to it (weights the save stage re-writes unchanged, tokenizers, masks), so a
+run folder holds each distinct file once. A linked file is never edited in place: every writer here creates a new
+file (a temp name renamed over the old entry), which leaves the other links' content as it was.
 """
 
 from __future__ import annotations
@@ -95,8 +100,11 @@ class Stage:
         return (self.manifest() or {}).get("summary", {})
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[tuple[Path, dict[str, Any]]]:
-        """Yield (temp folder, summary dict); on success the manifest is written last and the folder renamed."""
+    def writing(self, share_with: list[Stage] | tuple[Stage, ...] = ()) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """Yield (temp folder, summary dict); on success the manifest is written last and the folder renamed.
+
+        Files equal to one of ``share_with``'s (complete stages of this run) become hard links to it.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -104,7 +112,9 @@ class Stage:
         start = time.perf_counter()
         try:
             yield tmp, summary
-            manifest = {"stage": self.name, "fingerprint": self.fingerprint, "files": _files(tmp),
+            files = _files(tmp)
+            share_files(tmp, files, share_with)
+            manifest = {"stage": self.name, "fingerprint": self.fingerprint, "files": files,
                         "summary": summary, "elapsed_s": round(time.perf_counter() - start, 3),
                         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_json_atomic(tmp / MANIFEST, manifest)
@@ -135,16 +145,95 @@ def clean_leftovers(root: Path) -> list[str]:
     return gone
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a file (no extra disk for large weights) or copy it when links are not possible."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+def share_files(folder: Path, files: dict[str, dict[str, Any]], stages: list[Stage] | tuple[Stage, ...]) -> int:
+    """Replace every file of ``folder`` (``files``: its manifest entries) that has the same size and sha256 as a
+    file of one of ``stages`` by a hard link to that file; returns the bytes saved.
+
+    The other stage's file is hashed again before it is linked: a file edited after its manifest was written must
+    not leak into this stage. Where linking fails (another filesystem, no link support) the copy stays.
+    """
+    known: dict[tuple[int, str], Path] = {}
+    for stage in stages:
+        for rel, info in ((stage.manifest() or {}).get("files") or {}).items():
+            known.setdefault((info["size"], info["sha256"]), stage.path / rel)
+    saved = 0
+    for rel, info in files.items():
+        other = known.get((info["size"], info["sha256"]))
+        if other is None or info["size"] == 0:
+            continue
+        mine = folder / rel
+        try:
+            if os.path.samefile(mine, other):
+                continue
+            if other.stat().st_size != info["size"] or sha256_file(other) != info["sha256"]:
+                continue
+        except OSError:
+            continue
+        if _link_over(other, mine):
+            saved += info["size"]
+    return saved
+
+
+def _link_over(src: Path, dst: Path) -> bool:
+    """Make ``dst`` a hard link to ``src`` by renaming a new link over it (``dst``'s old inode is left as it was)."""
+    tmp = dst.parent / f".{dst.name}.link-{uuid.uuid4().hex[:8]}"
     try:
-        os.link(src, dst)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+        return True
     except OSError:
-        shutil.copy2(src, dst)
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def copy_tree(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path, link: bool = True) -> None:
+    """``dst`` becomes a hard link to ``src`` (no extra disk for large weights), or a copy when linking fails or
+    ``link`` is False.
+
+    An existing ``dst`` is replaced by renaming over it, never written into: it may itself be a link whose other
+    names must keep their content.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link and _link_over(src, dst):
+        return
+    tmp = dst.parent / f".{dst.name}.copy-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_tree(src: Path, dst: Path, link: bool = True) -> None:
+    """Every file under ``src`` linked (``link=True``, when possible) or copied to the same place under ``dst``.
+
+    Copy (``link=False``) from folders someone else may later rewrite in place, such as a user's fine-tuning
+    folder: a link would carry that edit into the run folder.
+    """
     for p in sorted(Path(src).rglob("*")):
         if p.is_file():
-            link_or_copy(p, dst / p.relative_to(src))
+            link_or_copy(p, dst / p.relative_to(src), link=link)
+
+
+def write_new(path: Path, text: str) -> None:
+    """Write ``text`` to a new file renamed over ``path``: never into a file that may be a hard link."""
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def disk_bytes(root: Path) -> int:
+    """Bytes of the files under ``root``, each hard-linked file counted once (what the folder costs on disk)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for p in Path(root).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total

@@ -1,23 +1,29 @@
 """The work of each pipeline stage: read the previous stages' folders, write into this stage's temp folder.
 
 Every function takes a :class:`Context` and the stage's temp folder and fills ``summary`` (which goes into the
-manifest). Model-bearing stages save a ``model/`` checkpoint that the next stage loads; nothing is passed in
-memory, so a re-run can start at any stage.
+manifest). Model-bearing stages save a ``model/`` checkpoint that the next stage loads, except the prune stage,
+which keeps its masks over the model it started from (rebuilt and checked against a hash on load); nothing is
+passed in memory, so a re-run can start at any stage. Files equal to an earlier stage's are hard links to it
+(:mod:`hf_px.pipeline.stages`), so writers here create new files and never write into existing ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .context import Context, random_init_config
-from .stages import copy_tree, write_json_atomic
+from .stages import copy_tree, link_or_copy, write_json_atomic
 from .summary import model_stats, write_card, write_report
 
 BATCHES_FILE = "batches.safetensors"
@@ -48,16 +54,89 @@ def current_model(ctx: Context) -> torch.nn.Module:
     folder = ctx.latest_model_dir()
     if folder is None:
         return source_model(ctx)
+    if ctx.has("prune") and folder == ctx.stage_path("prune") / "model" and not folder.exists():
+        return pruned_model(ctx)
     from ..export.serialization import load
 
     return load(str(folder), trust_remote_code=ctx.cfg.model.trust_remote_code).eval()
+
+
+def _before_prune(ctx: Context) -> Context:
+    """``ctx`` as the prune stage saw it: the stages before it, so ``current_model`` gives what it pruned."""
+    return dataclasses.replace(ctx, stages={k: v for k, v in ctx.stages.items() if k not in ("prune", "finetune")})
+
+
+def pruned_model(ctx: Context) -> torch.nn.Module:
+    """The prune stage's model, rebuilt: the model it started from with its masks applied.
+
+    The prune stage stores masks rather than a second copy of the weights (the run folder would hold three
+    models: PCN's, the pruned one, the fine-tuned one). The rebuilt weights must hash to what the stage recorded:
+    a starting model that changed since (a model folder edited outside the run) is an error, never a silently
+    different pruned model.
+    """
+    from ..pruning.masks import apply_masks
+
+    model = current_model(_before_prune(ctx))
+    apply_masks(model, load_masks(ctx.stage_path("prune") / MASKS_FILE))
+    want = ctx.stages["prune"].summary().get("model_sha256")
+    if want is not None and state_digest(model) != want:
+        from .runner import RunError
+
+        raise RunError(f"{ctx.stage_path('prune').name} stores masks for the model it pruned, and that model has "
+                       f"changed since (its masks applied to {_base_name(ctx)} no longer give the pruned weights). "
+                       "Run the same command again with --force.")
+    return model
+
+
+def _base_name(ctx: Context) -> str:
+    folder = _before_prune(ctx).latest_model_dir()
+    return f"{folder.parent.name}/{folder.name}" if folder is not None else "the starting model"
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the model's state dict (-0.0 counted as 0.0)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        if t.is_floating_point():
+            t = t + 0  # a weight zeroed by a mask can be -0.0 or 0.0 depending on the order of multiplications
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def plain_processor(ctx: Context) -> object:
+    """``ctx.processor()`` in the state it is saved in: no padding, truncation at ``data.max_length``.
+
+    A fast tokenizer's backend keeps the padding and truncation of its last call and writes them into
+    ``tokenizer.json``, so without this each stage would save a slightly different tokenizer (depending on what
+    ran before it in this process), which could not be shared between stage folders and would ship by accident.
+    """
+    proc = ctx.processor()
+    tok = getattr(proc, "tokenizer", proc)  # multimodal processors wrap a tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.enable_truncation(max_length=ctx.cfg.data.max_length, stride=0,
+                                  direction=getattr(tok, "truncation_side", "right"))
+    return proc
+
+
+def save_processor(ctx: Context, folder: Path) -> None:
+    """Write the processor's files into ``folder``, each renamed over any file of that name (which may be a hard
+    link to another stage's file, so it must not be written into)."""
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".processor-") as scratch:
+        plain_processor(ctx).save_pretrained(scratch)
+        for p in Path(scratch).iterdir():
+            if p.is_file():
+                os.replace(p, folder / p.name)
 
 
 def save_model(model: torch.nn.Module, folder: Path, ctx: Context, masks: dict | None = None,
                metadata: dict | None = None, format: str = "dense") -> None:
     from ..export.serialization import save_pretrained
 
-    save_pretrained(model, folder, format=format, masks=masks, tokenizer=ctx.processor(), card=False,
+    save_pretrained(model, folder, format=format, masks=masks, tokenizer=plain_processor(ctx), card=False,
                     metadata=metadata)
 
 
@@ -107,16 +186,68 @@ def calibrate(ctx: Context, tmp: Path, summary: dict) -> None:
                    eval_examples=len(plan.eval) if plan.eval is not None else 0)
 
 
+def batch_tokens(batch: dict[str, torch.Tensor], config: Any = None) -> int:
+    """Positions a batch gives a PCA: real tokens (attention mask), else every input id, else images x patches."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "input_ids" in batch:
+        return batch["input_ids"].numel()
+    images = len(next(iter(batch.values())))
+    size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if isinstance(size, int) and isinstance(patch, int) and patch > 0:
+        return images * ((size // patch) ** 2 + 1)  # ViT-style: one position per patch plus the class token
+    return images
+
+
+def pcn_batches(ctx: Context, model: torch.nn.Module) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """PCN's calibration sample: at least ``pcn.calibration_factor`` x the widest layer it measures in tokens.
+
+    The pruning sample (``data.per_class`` examples per class, a few hundred tokens) is far too small for the PCA
+    of a layer hundreds or thousands wide: with fewer tokens than the width, every width explains all the
+    variance. PCN draws its own seeded sample of the training split instead, doubling it until it holds enough
+    tokens (or is the whole split); with ``calibration_factor: 0``, or when the pruning sample is large enough,
+    it uses the pruning sample.
+    """
+    from ..data import calibration_batches
+    from ..pcn import measured_width
+
+    cfg, plan, d = ctx.cfg.pcn, ctx.plan, ctx.cfg.data
+    base = load_batches(ctx)
+    have = sum(batch_tokens(b, model.config) for b in base)
+    want = int(math.ceil(cfg.calibration_factor * measured_width(model, cfg)))
+    info: dict[str, Any] = {"tokens_wanted": want, "calibration_factor": cfg.calibration_factor}
+    if have >= want:
+        return base, {**info, "sample": "pruning calibration batches"}
+    examples = sum(len(next(iter(b.values()))) for b in base)
+    per_example = max(have / max(examples, 1), 1.0)
+    total = len(plan.train)
+    n = min(total, max(examples, int(math.ceil(1.1 * want / per_example))))
+    while True:
+        batches = calibration_batches(plan.train, ctx.processor(), per_class=None,
+                                      num_batches=int(math.ceil(n / d.calibration_batch_size)),
+                                      batch_size=d.calibration_batch_size, text_column=plan.text_column,
+                                      label_column=plan.label_column, image_column=plan.image_column,
+                                      max_length=d.max_length, seed=d.seed)
+        got = sum(batch_tokens(b, model.config) for b in batches)
+        if got >= want or n >= total:
+            break
+        n = min(total, 2 * n)
+    return batches, {**info, "sample": "drawn for PCN", "examples": sum(len(next(iter(b.values()))) for b in batches)}
+
+
 def pcn(ctx: Context, tmp: Path, summary: dict) -> None:
     from ..pcn import apply_pcn
 
     model = current_model(ctx)  # the starting model, or the teacher with prune.source: teacher
-    report = apply_pcn(model, load_batches(ctx), ctx.cfg.pcn)
+    batches, sample = pcn_batches(ctx, model)
+    report = apply_pcn(model, batches, ctx.cfg.pcn)
     model = report.model if report.model is not None else model
-    save_model(model, tmp / "model", ctx, metadata={"pcn": report.to_dict()})
-    write_json_atomic(tmp / "pcn.json", report.to_dict())
+    record = {**report.to_dict(), "calibration": sample}
+    save_model(model, tmp / "model", ctx, metadata={"pcn": record})
+    write_json_atomic(tmp / "pcn.json", record)
     summary.update(params_before=report.params_before, params_after=report.params_after,
-                   flops_before=report.flops_before, flops_after=report.flops_after)
+                   flops_before=report.flops_before, flops_after=report.flops_after,
+                   calibration_tokens=report.calibration_tokens, undersampled=report.undersampled)
 
 
 def shrink(ctx: Context, tmp: Path, summary: dict) -> None:
@@ -178,11 +309,36 @@ def prune(ctx: Context, tmp: Path, summary: dict) -> None:
     result.report["calibration"].update(dataset=ctx.cfg.data.dataset, per_class=ctx.cfg.data.per_class)
     result.report["base_model"] = ctx.cfg.model.name_or_path or f"from_config:{ctx.cfg.model.from_config['model_type']}"
     print(result.report, flush=True)
-    save_model(model, tmp / "model", ctx, masks=result.masks, metadata={"report": result.report.to_dict()})
-    save_masks(result.masks, tmp / MASKS_FILE)
-    write_json_atomic(tmp / "prune_report.json", result.report.to_dict())
+    masks, report = result.masks, result.report
+    save_model(model, tmp / "model", ctx, masks=masks, metadata={"report": report.to_dict()})
+    save_masks(masks, tmp / MASKS_FILE)
+    write_json_atomic(tmp / "prune_report.json", report.to_dict())
     summary.update(method=config.method, target_sparsity=config.sparsity,
-                   achieved_sparsity=result.report["achieved_sparsity"], time_s=result.report["time_s"])
+                   achieved_sparsity=report["achieved_sparsity"], time_s=report["time_s"])
+    digest = state_digest(model)
+    del model, result  # the check below loads a second model; never two in memory
+    _keep_masks_only(ctx, tmp, summary, digest, masks)
+
+
+def _keep_masks_only(ctx: Context, tmp: Path, summary: dict, digest: str, masks: dict) -> None:
+    """Drop the pruned model's copy when the model pruning started from, with the masks applied, rebuilds it bit
+    for bit (pruning only zeroes weights): the run folder then holds the masks, not a second set of weights.
+
+    The check rebuilds the model as the next stage will (:func:`pruned_model`), one model in memory at a time;
+    where it differs (a starting model that cannot be rebuilt the same, e.g. a random head that does not follow
+    the seed) the copy stays.
+    """
+    from ..pruning.masks import apply_masks
+
+    rebuilt = current_model(ctx)  # the prune stage is not complete yet: this is the model it started from
+    apply_masks(rebuilt, masks)
+    if state_digest(rebuilt) == digest:
+        shutil.rmtree(tmp / "model")
+        summary.update(model=f"masks over {_base_name(ctx)}", model_sha256=digest)
+    else:
+        warnings.warn(f"the pruned model could not be rebuilt from {_base_name(ctx)} and its masks; the prune "
+                      "stage keeps a full copy of it.", stacklevel=2)
+        summary.update(model="model/")
 
 
 def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill: Any = None,
@@ -204,10 +360,14 @@ def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill
 
 def _keep_training_outputs(ctx: Context, name: str, out: Any, tmp: Path, summary: dict) -> None:
     work = ctx.training_dir(name)
-    copy_tree(work / "model", tmp / "model")
-    shutil.copy2(work / "results.json", tmp / "results.json")
+    # the pipeline's own work folder is deleted once the stage is complete, so its files can be linked; a
+    # fine-tuning folder of the user's is copied: a later run there may rewrite its files in place
+    link = work == ctx.work_dir(name)
+    copy_tree(work / "model", tmp / "model", link=link)
+    save_processor(ctx, tmp / "model")  # the same tokenizer files as every other stage's, so they are shared
+    link_or_copy(work / "results.json", tmp / "results.json", link=link)
     if (work / "logs" / "metrics.jsonl").exists():
-        shutil.copy2(work / "logs" / "metrics.jsonl", tmp / "metrics.jsonl")
+        link_or_copy(work / "logs" / "metrics.jsonl", tmp / "metrics.jsonl", link=link)
     summary.update(steps=out.global_step, metrics=out.metrics, world_size=out.world_size,
                    resumed_from=os.path.basename(out.resumed_from) if out.resumed_from else None,
                    sparsity=out.sparsity)
@@ -254,7 +414,7 @@ def finetune(ctx: Context, tmp: Path | None, summary: dict) -> None:
         summary.update(gradual=out.extras.get("gradual", []),
                        achieved_sparsity=1.0 - out.sparsity["density_after"])
     elif ctx.has("prune"):
-        shutil.copy2(ctx.stage_path("prune") / MASKS_FILE, tmp / MASKS_FILE)
+        link_or_copy(ctx.stage_path("prune") / MASKS_FILE, tmp / MASKS_FILE)
     if distill is not None:
         summary.update(distilled_from=ctx.folders["teacher"])
 
@@ -305,6 +465,7 @@ def report(ctx: Context, tmp: Path, summary: dict) -> None:
 
 
 def card(ctx: Context, tmp: Path, summary: dict) -> None:
+    # links: the card stage adds files (README.md, plots/) and never writes into the ones it links
     copy_tree(ctx.stage_path("save") / "model", tmp / "model")
     summary.update(write_card(ctx, tmp / "model"))
 

@@ -9,41 +9,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..registry import is_linear_like
 from .context import random_init_config
-from .stages import write_json_atomic
+from .plots import PLOTS, caption, draw_plots
+from .stages import write_json_atomic, write_new
 
-PLOTS = {
-    "density": "per-layer density after pruning",
-    "pcn_variance": "PCN: explained variance and width kept per layer",
-    "curves": "fine-tuning: training loss and evaluation metrics",
-    "sizes": "parameters, FLOPs and file size before and after",
-}
+__all__ = ["PLOTS", "collect", "draw_plots", "model_stats", "render_markdown", "write_card", "write_report"]
 
-
-def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
-    out = []
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2 and is_linear_like(module):
-            out.append(w)
-    return out
+FLOPS_NOTE = ("FLOPs per token count 2 x the weights of every Linear layer (blocks, pooler, heads), non-zero ones "
+              "only (what a sparse kernel multiplies); embedding lookups and attention scores are not counted. "
+              "`before` is the starting checkpoint, whose weights are all counted as non-zero. The PCN section uses "
+              "the same count on the dense model.")
 
 
 def model_stats(model: nn.Module, folder: Path | None = None, meta: bool = False) -> dict[str, Any]:
-    """Parameter and non-zero counts, matmul FLOPs per token (2 x non-zero Linear weights) and weight-file bytes.
+    """Parameter and non-zero counts, matmul FLOPs per token and weight-file bytes.
 
-    ``meta=True`` (a skeleton without weights) counts every weight as non-zero.
+    FLOPs follow :func:`hf_px.pcn.structured.linear_flops` (2 x the weights of every Linear layer): the count of
+    the non-zero weights, and of all of them (``dense_flops_per_token``). ``meta=True`` (a skeleton without
+    weights) counts every weight as non-zero.
     """
+    from ..pcn.structured import linear_flops
+
     total = sum(p.numel() for p in model.parameters())
-    lin = _linear_weights(model)
+    dense = linear_flops(model)
     if meta:
-        nonzero, lin_nonzero = total, sum(w.numel() for w in lin)
+        nonzero, flops = total, dense
     else:
         nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-        lin_nonzero = sum(int(torch.count_nonzero(w)) for w in lin)
-    stats: dict[str, Any] = {"params": total, "nonzero_params": nonzero, "flops_per_token": 2 * lin_nonzero,
-                             "dense_flops_per_token": 2 * sum(w.numel() for w in lin)}
+        flops = linear_flops(model, nonzero=True)
+    stats: dict[str, Any] = {"params": total, "nonzero_params": nonzero, "flops_per_token": flops,
+                             "dense_flops_per_token": dense}
     if folder is not None:
         stats["file_bytes"] = weight_file_bytes(folder)
     return stats
@@ -88,6 +83,21 @@ def _history(ctx: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def eval_labels(ctx: Any) -> dict[str, Any] | None:
+    """The evaluation split's label counts and the accuracy of always answering the most frequent label (the
+    floor a classifier must beat); None without labels (causal LM, features)."""
+    data, column = ctx.plan.eval, ctx.plan.label_column
+    if data is None or not column or column not in getattr(data, "column_names", ()):
+        return None
+    counts: dict[str, int] = {}
+    for y in data[column]:
+        counts[str(y)] = counts.get(str(y), 0) + 1
+    if not counts:
+        return None
+    top = max(counts, key=counts.__getitem__)
+    return {"counts": counts, "majority": top, "majority_accuracy": counts[top] / sum(counts.values())}
+
+
 def collect(ctx: Any) -> dict[str, Any]:
     """Every number the report shows, from the stages' folders."""
     out: dict[str, Any] = {"config": ctx.cfg.to_dict(), "stages": {}}
@@ -100,7 +110,7 @@ def collect(ctx: Any) -> dict[str, Any]:
     prune = _read(ctx.stage_path("prune") / "prune_report.json") if ctx.has("prune") else None
     if prune:
         prune = {k: prune.get(k) for k in ("method", "target_sparsity", "achieved_sparsity", "rounds",
-                                           "prunable_params", "kept_params", "time_s", "layers")}
+                                           "prunable_params", "kept_params", "total_params", "time_s", "layers")}
     saved_meta = _read(ctx.stage_path("save") / "model" / "hf_px.json") if ctx.has("save") else None
     final = ((saved_meta or {}).get("metadata") or {}).get("report") or {}
     if prune and final.get("gradual"):  # gradual pruning: the final masks are the save stage's, not 04-prune's
@@ -111,6 +121,7 @@ def collect(ctx: Any) -> dict[str, Any]:
     out["finetune"] = {"history": history, **(out["stages"].get("finetune", {}).get("summary") or {})} \
         if ctx.has("finetune") else None
     out["evaluate"] = out["stages"].get("evaluate", {}).get("summary", {}).get("metrics")
+    out["eval_labels"] = eval_labels(ctx)
     teacher = out["stages"].get("teacher", {}).get("summary")
     out["teacher"] = {k: teacher.get(k) for k in ("metrics", "steps", "checkpoint")} if teacher else None
     if teacher and out["evaluate"]:
@@ -122,78 +133,6 @@ def collect(ctx: Any) -> dict[str, Any]:
     out["speed"] = saved.get("speed")
     out["shrink"] = out["stages"].get("shrink", {}).get("summary") if ctx.has("shrink") else None
     return out
-
-
-# ------------------------------------------------------------------------------------------------ plots
-def draw_plots(data: dict[str, Any], folder: Path) -> dict[str, str]:
-    """PNG files under ``folder``; returns {plot name: file name}. Empty when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {}
-    folder.mkdir(parents=True, exist_ok=True)
-    made: dict[str, str] = {}
-
-    def done(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(folder / f"{name}.png", dpi=90)
-        plt.close(fig)
-        made[name] = f"{name}.png"
-
-    layers = (data.get("prune") or {}).get("layers") or []
-    if layers:
-        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(layers) + 1)))
-        names = [lay["name"] for lay in layers][::-1]
-        ax.barh(names, [lay["density"] for lay in layers][::-1], color="tab:blue")
-        target = 1 - (data["prune"].get("target_sparsity") or 0)
-        ax.axvline(target, color="k", ls="--", lw=1, label=f"target density {target:.3f}")
-        ax.set(xlabel="density (kept fraction)", xlim=(0, 1))
-        ax.tick_params(axis="y", labelsize=6)
-        ax.legend(fontsize=7)
-        done(fig, "density")
-    pcn_layers = (data.get("pcn") or {}).get("layers") or []
-    if pcn_layers:
-        fig, ax = plt.subplots(figsize=(7, 3))
-        x = list(range(len(pcn_layers)))
-        ax.bar(x, [lay["explained_variance"] for lay in pcn_layers], color="tab:green", label="explained variance")
-        ax.plot(x, [lay["width_after"] / max(lay["width_before"], 1) for lay in pcn_layers], "ko-",
-                label="width kept / width")
-        ax.set(xticks=x, xticklabels=[f"{lay['layer']}:{lay['kind']}" for lay in pcn_layers], ylim=(0, 1.05),
-               xlabel="layer")
-        ax.legend(fontsize=7)
-        done(fig, "pcn_variance")
-    history = (data.get("finetune") or {}).get("history") or []
-    losses = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    evals = [r for r in history if r.get("event") == "eval"]
-    if losses or evals:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-        if losses:
-            axes[0].plot(*zip(*losses, strict=True), "o-", ms=3)
-        axes[0].set(xlabel="optimizer step", ylabel="training loss")
-        for key in sorted({k for r in evals for k in r if k.startswith("eval_")}):
-            axes[1].plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-", label=key)
-        axes[1].set(xlabel="optimizer step", ylabel="evaluation")
-        if evals:
-            axes[1].legend(fontsize=7)
-        done(fig, "curves")
-    size = data.get("size") or {}
-    before, after = size.get("before") or {}, size.get("after") or {}
-    keys = [k for k in ("nonzero_params", "flops_per_token", "file_bytes") if before.get(k) and after.get(k)]
-    if keys:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        x = range(len(keys))
-        ax.bar([i - 0.2 for i in x], [1.0] * len(keys), 0.4, label="before", color="tab:gray")
-        ratios = [after[k] / before[k] for k in keys]
-        ax.bar([i + 0.2 for i in x], ratios, 0.4, label="after", color="tab:orange")
-        for i, r in zip(x, ratios, strict=True):
-            ax.text(i + 0.2, r, f"x{r:.3f}", ha="center", va="bottom", fontsize=7)
-        ax.set(xticks=list(x), xticklabels=keys, ylabel="relative to before")
-        ax.legend(fontsize=7)
-        done(fig, "sizes")
-    return made
 
 
 # ------------------------------------------------------------------------------------------------ markdown
@@ -226,9 +165,7 @@ def render_markdown(data: dict[str, Any], plots: dict[str, str], plot_prefix: st
         lines += ["| matrix | weights | density |", "| --- | ---: | ---: |"]
         lines += [f"| `{lay['name']}` | {_num(lay['numel'])} | {lay['density']:.4f} |" for lay in prune["layers"]]
     if data.get("pcn"):
-        lines += ["", "## PCN", "", "| layer | kind | width | explained variance |", "| --- | --- | --- | ---: |"]
-        lines += [f"| {lay['layer']} | {lay['kind']} | {lay['width_before']} -> {lay['width_after']} | "
-                  f"{lay['explained_variance']:.4f} |" for lay in data["pcn"]["layers"]]
+        lines += pcn_lines(data["pcn"])
     ft = data.get("finetune")
     if ft:
         lines += ["", "## Fine-tuning", "", f"{_num(ft.get('steps'))} optimizer steps on {_num(ft.get('world_size'))} "
@@ -248,16 +185,53 @@ def render_markdown(data: dict[str, Any], plots: dict[str, str], plot_prefix: st
     lines += speed_lines(data)
     size = data["size"]
     lines += ["", "## Size", "", "| | before | after | ratio |", "| --- | ---: | ---: | ---: |"]
-    for key in ("params", "nonzero_params", "flops_per_token", "file_bytes"):
+    for key, label in SIZE_ROWS.items():
         b, a = size["before"].get(key), size["after"].get(key)
         ratio = f"{a / b:.3f}" if a and b else "-"
-        lines.append(f"| {key} | {_num(b)} | {_num(a)} | {ratio} |")
-    lines += ["", "FLOPs per token count 2 x the non-zero weights of the Linear layers (what a sparse kernel "
-              "multiplies); `before` is the starting checkpoint, whose weights are all counted as non-zero."]
+        lines.append(f"| {label} | {_num(b)} | {_num(a)} | {ratio} |")
+    lines += ["", FLOPS_NOTE]
+    if prune and prune.get("prunable_params") and size["after"].get("params"):
+        lines += ["", prunable_share(prune, size["after"]["params"])]
     if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{PLOTS[name]}]({plot_prefix}{file})" for name, file in plots.items()]
+        lines += ["", "## Plots"]
+        for name, file in plots.items():  # a caption line under each plot
+            lines += ["", f"![{PLOTS[name]}]({plot_prefix}{file})", "", f"*{caption(name, data)}*"]
     return "\n".join(lines) + "\n"
+
+
+SIZE_ROWS = {"params": "parameters", "nonzero_params": "non-zero parameters",
+             "flops_per_token": "matmul FLOPs per token", "file_bytes": "weight file bytes"}
+
+
+def prunable_share(prune: dict[str, Any], params: int) -> str:
+    """Why "80% sparsity" removes far fewer of all parameters: it counts the prunable matrices only."""
+    prunable, kept = prune["prunable_params"], prune.get("kept_params") or 0
+    removed = prunable - kept
+    return (f"Sparsity counts the prunable matrices only (the Linear weights inside the blocks): "
+            f"{_num(prunable)} of the model's {_num(params)} parameters ({_share(prunable / params)}). The "
+            f"embeddings, norms, biases, pooler and head stay dense, so {_share(prune['achieved_sparsity'])} "
+            f"sparsity zeroes {_num(removed)} weights, {_share(removed / params)} of all parameters: that is why "
+            "the non-zero parameters drop only a little while the FLOPs per token drop with the sparsity.")
+
+
+def pcn_lines(pcn: dict[str, Any]) -> list[str]:
+    """The report's PCN section: widths, explained variance, the calibration sample and the FLOPs."""
+    calib = pcn.get("calibration") or {}
+    sample = f" ({_num(calib['examples'])} examples drawn for PCN)" if calib.get("examples") else ""
+    lines = ["", "## PCN", "", f"Measured on {_num(pcn.get('calibration_tokens'))} calibration tokens{sample}."]
+    if pcn.get("undersampled"):
+        lines[-1] += (" **Fewer tokens than the components some layers keep:** their PCA is rank-deficient and "
+                      "an explained variance of 1.0 there says nothing about the layer; give PCN more calibration "
+                      "data (`pcn.calibration_factor`, a larger training split or longer examples).")
+    if pcn.get("flops_before") and pcn.get("flops_after"):
+        lines += ["", f"Matmul FLOPs per token of the dense model (the size table's definition): "
+                  f"{_num(pcn['flops_before'])} -> {_num(pcn['flops_after'])} "
+                  f"(x{pcn['flops_after'] / pcn['flops_before']:.3f}); parameters {_num(pcn.get('params_before'))} "
+                  f"-> {_num(pcn.get('params_after'))}."]
+    lines += ["", "| layer | kind | width | explained variance |", "| --- | --- | --- | ---: |"]
+    lines += [f"| {lay['layer']} | {lay['kind']} | {lay['width_before']} -> {lay['width_after']} | "
+              f"{lay['explained_variance']:.4f} |" for lay in pcn["layers"]]
+    return lines
 
 
 def speed_lines(data: dict[str, Any]) -> list[str]:
@@ -325,5 +299,6 @@ def write_card(ctx: Any, model_dir: Path) -> dict[str, Any]:
     card = build_card(report, base_model=ctx.cfg.model.name_or_path, dataset=ctx.cfg.data.dataset,
                       metrics=data.get("evaluate"), format=ctx.cfg.output.format, pipeline_tag=tag,
                       repo_id=ctx.cfg.push.hub_model_id, plots=plots, baseline=data.get("baseline"))
-    card.save(model_dir / "README.md")
+    # a new file, never written into: model_dir's other files are hard links to the save stage's
+    write_new(model_dir / "README.md", str(card))
     return {"plots_linked": len(plots), "pipeline_tag": tag}
