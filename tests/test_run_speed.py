@@ -51,6 +51,9 @@ def test_fixed_plan_gives_a_smaller_stock_model_and_a_measured_report(tmp_path):
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
     md = (out / "report.md").read_text()
     assert "## Speed" in md and "1 of 4 blocks removed" in md and "1 x 16" in md
+    card = (out / "09-card" / "model" / "README.md").read_text()
+    assert "## Speed" in card and "1 of 4 blocks removed" in card
+    assert f"| 1 x 16 | {rows[0]['dense_ms']:.2f} | {rows[0]['ms']:.2f} | {rows[0]['speedup']:.2f}x |" in card
 
 
 def test_plan_picks_a_candidate_that_met_the_target_with_the_most_parameters(monkeypatch):

@@ -84,6 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--help-all", action=_HelpAll, help="show every config key, not only the everyday ones, and exit.")
     p.add_argument("--output-dir", default=None, help="run folder; same as --output.output_dir.")
     p.add_argument("--force", action="store_true", help="redo every stage, even complete ones.")
+    p.add_argument("--verbose", action="store_true",
+                   help="show transformers' and datasets' own logs and progress bars (hidden by default).")
     p.add_argument("--check", action="store_true", help="validate the config and inputs, write nothing, exit.")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars.")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -129,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
               f"{len(plan.eval) if plan.eval is not None else 0} evaluation examples; nothing written.")
         return 0
     try:
-        result = run_pipeline(args.config, force=args.force, progress=not args.no_progress, overrides=overrides)
+        result = run_pipeline(args.config, force=args.force, progress=not args.no_progress, overrides=overrides,
+                              verbose=args.verbose)
     except KeyboardInterrupt:  # the pipeline said which stages are kept and how to resume
         return 130
     if not result.is_main_process:

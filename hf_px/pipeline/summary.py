@@ -284,21 +284,31 @@ def write_card(ctx: Any, model_dir: Path) -> dict[str, Any]:
     if (ctx.stage_path("report") / "plots").exists():
         copy_tree(ctx.stage_path("report") / "plots", model_dir / "plots")
     report = dict(data.get("prune") or {"method": "none (not pruned)", "layers": []})
-    report["base_model"] = ctx.cfg.model.name_or_path
+    # a from_config model has no name: keep what the prune stage recorded ("from_config:bert")
+    report["base_model"] = ctx.cfg.model.name_or_path or report.get("base_model")
     report["calibration"] = data.get("calibration") or {}
     if data.get("pcn"):
         report["pcn"] = data["pcn"]
     if data.get("finetune"):
         report["finetune"] = {k: v for k, v in ctx.cfg.to_dict()["finetune"].items()
                               if k in ("epochs", "max_steps", "learning_rate", "batch_size", "peft", "seed")}
+        if ctx.cfg.distill is not None:
+            report["finetune"]["distill"] = (f"from the dense teacher, T={ctx.cfg.distill.temperature:g}, "
+                                             f"alpha={ctx.cfg.distill.alpha:g}")
+        if ctx.cfg.gradual is not None:
+            report["finetune"]["gradual"] = f"every {ctx.cfg.gradual.every} steps until {ctx.cfg.gradual.end:.0%}"
+    if data.get("speed"):
+        report["speed"], report["shrink"] = data["speed"], data.get("shrink")
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=ctx.cfg.model.trust_remote_code)
     tag = pipeline_tag_for(config)
     plots = [(PLOTS[name], path) for name, path in data.get("plots", {}).items()]
-    card = build_card(report, base_model=ctx.cfg.model.name_or_path, dataset=ctx.cfg.data.dataset,
+    # the load snippet names a repo only when this run really pushes there
+    card = build_card(report, base_model=report["base_model"], dataset=ctx.cfg.data.dataset,
                       metrics=data.get("evaluate"), format=ctx.cfg.output.format, pipeline_tag=tag,
-                      repo_id=ctx.cfg.push.hub_model_id, plots=plots, baseline=data.get("baseline"))
+                      repo_id=ctx.cfg.push.hub_model_id if ctx.cfg.push.enabled else None, plots=plots,
+                      baseline=data.get("baseline"), dataset_config=ctx.cfg.data.dataset_config)
     # a new file, never written into: model_dir's other files are hard links to the save stage's
     write_new(model_dir / "README.md", str(card))
     return {"plots_linked": len(plots), "pipeline_tag": tag}
