@@ -348,3 +348,14 @@ def test_prune_and_finetune_commands_take_builtin_minilm(tmp_path, capsys):
                  "--max-train-samples", "8", "--max-eval-samples", "8", "--output-dir", str(tmp_path / "ft"),
                  *small]) == 0
     assert (tmp_path / "ft" / "model" / "model.safetensors").is_file()
+
+
+def test_target_speedup_switches_the_speed_section_on():
+    from hf_px.commands.run import overrides_from_args
+    from hf_px.pipeline import RunConfig
+
+    config = Path(__file__).resolve().parents[1] / "scripts" / "configs" / "minilm-rotten-tomatoes.yaml"
+    args = _subparser("run").parse_args([str(config), "--target-speedup", "2.5"])
+    cfg = RunConfig.from_file(args.config, overrides_from_args(args))
+    assert cfg.speed is not None and cfg.speed.target_speedup == 2.5
+    assert RunConfig.from_file(args.config).speed is None  # off unless asked for

@@ -79,11 +79,14 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        usage="%(prog)s [-h] [--help-all] CONFIG [--output-dir DIR] [--force] [--check] "
-                       "[--SECTION.KEY VALUE ...] [--set KEY=VALUE ...]")
+                       "[--target-speedup X] [--SECTION.KEY VALUE ...] [--set KEY=VALUE ...]")
     p.add_argument("config", help="YAML or JSON run config (examples: scripts/configs/*.yaml).")
     p.add_argument("--help-all", action=_HelpAll, help="show every config key, not only the everyday ones, and exit.")
     p.add_argument("--output-dir", default=None, help="run folder; same as --output.output_dir.")
     p.add_argument("--force", action="store_true", help="redo every stage, even complete ones.")
+    p.add_argument("--target-speedup", type=float, default=None, metavar="X",
+                   help="the fast preset: shrink the model (blocks removed, narrower FFNs) until it runs X times as "
+                   "fast as dense on this CPU (sets the speed section's target_speedup and switches the section on).")
     p.add_argument("--verbose", action="store_true",
                    help="show transformers' and datasets' own logs and progress bars (hidden by default).")
     p.add_argument("--check", action="store_true", help="validate the config and inputs, write nothing, exit.")
@@ -114,6 +117,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out[key.strip()] = _value(value)
     if args.output_dir is not None:
         out["output.output_dir"] = args.output_dir
+    if getattr(args, "target_speedup", None) is not None:
+        out["speed.target_speedup"] = args.target_speedup
     return out
 
 
