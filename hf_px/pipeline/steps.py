@@ -267,17 +267,11 @@ def shrink(ctx: Context, tmp: Path, summary: dict) -> None:
 
 def final_sparsity_report(model: torch.nn.Module, masks: dict, gradual: Any) -> dict[str, Any]:
     """The pruning report's numbers after gradual pruning: per-matrix densities of the final masks."""
-    from ..pruning.report import layer_rows
-    from ..pruning.targets import collect_targets
+    from ..pruning.report import masks_report
 
-    targets = [t for t in collect_targets(model, generic=gradual.prune.generic) if t.param_name in masks]
-    named = [(t.key, t.view(masks[t.param_name])) for t in targets]
-    layers = layer_rows(named)
-    for lay, t in zip(layers, targets, strict=True):
-        lay.update(block=t.block, role=t.role)
-    prunable, kept = sum(lay["numel"] for lay in layers), sum(int(m.sum()) for _, m in named)
-    return {"layers": layers, "target_sparsity": gradual.prune.sparsity, "kept_params": kept,
-            "achieved_sparsity": 1.0 - kept / max(prunable, 1),
+    report = masks_report(model, masks, generic=gradual.prune.generic)
+    del report["prunable_params"]
+    return {**report, "target_sparsity": gradual.prune.sparsity,
             "gradual": {k: v for k, v in gradual.to_dict().items() if k != "prune"}}
 
 

@@ -49,6 +49,23 @@ def layer_rows(named_masks: list[tuple[str, torch.Tensor]]) -> list[dict[str, An
     ]
 
 
+def masks_report(model: nn.Module, masks: dict[str, torch.Tensor], generic: bool = False) -> dict[str, Any]:
+    """Per-matrix densities (with block and role), kept count and sparsity of ``masks`` over ``model``'s targets.
+
+    What a pruning report says after the masks changed outside :func:`hf_px.prune` (gradual pruning).
+    """
+    from .targets import collect_targets
+
+    targets = [t for t in collect_targets(model, generic=generic) if t.param_name in masks]
+    named = [(t.key, t.view(masks[t.param_name])) for t in targets]
+    layers = layer_rows(named)
+    for lay, t in zip(layers, targets, strict=True):
+        lay.update(block=t.block, role=t.role)
+    prunable, kept = sum(lay["numel"] for lay in layers), sum(int(m.sum()) for _, m in named)
+    return {"layers": layers, "prunable_params": prunable, "kept_params": kept,
+            "achieved_sparsity": 1.0 - kept / max(prunable, 1)}
+
+
 def sparsity_report(model: nn.Module, generic: bool = True) -> Report:
     """Density of every prunable matrix of ``model``, read from its zeros; works on any checkpoint.
 
