@@ -352,7 +352,9 @@ def test_run_is_the_pipeline_function_and_python_m_hf_px_is_the_command_line():
 
 def test_accelerate_launch_runs_the_pipeline_on_two_processes(tmp_path):
     out = tmp_path / "run"
-    cfg = tiny_config(out, finetune={"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "progress_bar": False})
+    # gradual pruning too: both ranks must prune alike while training (fixed masks on 2 ranks: tests/test_train.py)
+    cfg = tiny_config(out, finetune={"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "progress_bar": False},
+                      gradual={"initial_sparsity": 0.5, "every": 2, "end": 0.5})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
@@ -366,6 +368,8 @@ def test_accelerate_launch_runs_the_pipeline_on_two_processes(tmp_path):
     ft = json.loads((out / "05-finetune" / "manifest.json").read_text())["summary"]
     assert ft["world_size"] == 2
     assert ft["steps"] == 2 * 4  # 64 examples, 8 per rank and 2 ranks
-    assert ft["sparsity"]["nonzero_after"] == ft["sparsity"]["kept_before"]
+    assert ft["sparsity"]["density_before"] == pytest.approx(0.5, abs=2e-3)  # one-shot to the start, then gradual
+    assert ft["sparsity"]["density_after"] == pytest.approx(0.25, abs=2e-3) and ft["sparsity"]["pruned_all_zero"]
+    assert [e["step"] for e in ft["gradual"]] == [0, 2, 4]
     assert (out / "report.md").exists() and (out / "09-card" / "model" / "README.md").exists()
     assert proc.stdout.count("[hf-px run] 04-prune: running") == 1  # the main process prunes, once
