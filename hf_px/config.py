@@ -47,10 +47,14 @@ class PruneConfig:
         method: scoring method, a name from ``hf_px.pruning.scoring.available_methods()`` (``px`` by default).
         sparsity: fraction of the prunable weights to remove, in [0, 1).
         rounds: number of iterative rounds, 1 to ``MAX_ROUNDS`` (10,000); density follows d_r = d^(r/R) with one
-            global threshold.
+            global threshold. Each round re-scores the whole model (PX on MiniLM: about 1.5 s a round on a laptop
+            CPU, so the paper's 100 take minutes); 10 rounds recovered as well as 100 in scripts/bench_recovery.py.
         min_density_ratio: layer-collapse guard: every prunable matrix keeps at least this fraction of the round's
             density (its best-scored weights). 0 gives pure global-threshold PX; residual branches can then be
             pruned away entirely, because paths can bypass a block through the skip connection.
+        keep_rule: how the global threshold counts: exact (keep round(density × N) weights, ties at the cut broken
+            by position) or reference (prune int((1 − density) × N) and every weight tied with the threshold, as the
+            reference PX code does; reproduces its masks, may keep a few weights fewer). docs/px.md §3.
         generic: prune unregistered architectures (every Linear in the repeated blocks).
         seed: seed for random scores and probes.
         pcn: optional PCN width reduction applied before PX (``hf_px.pcn.PCNConfig``).
@@ -73,6 +77,7 @@ class PruneConfig:
     sparsity: float = 0.9
     rounds: int = 100
     min_density_ratio: float = 0.1
+    keep_rule: str = "exact"
     generic: bool = False
     seed: int = 0
     pcn: Any = None
@@ -95,6 +100,9 @@ class PruneConfig:
                              "the exponential schedule closely.")
         if not _finite(self.min_density_ratio) or not 0.0 <= self.min_density_ratio <= 1.0:
             raise ValueError(f"min_density_ratio must be in [0, 1], got {short_repr(self.min_density_ratio)}.")
+        from .pruning.masks import check_keep_rule
+
+        check_keep_rule(self.keep_rule)
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {short_repr(self.source)}.")
 
