@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-target", type=float, default=2.0, help="the fast preset's target speed-up")
     p.add_argument("--fast-sparsity", type=float, default=0.0,
                    help="PX sparsity after the fast preset's plan (default 0: with dense kernels it buys no speed, "
-                   "and 50%% cost 4 points in the first run)")
+                   "and 50%% cost 0.8 points on one seed)")
     p.add_argument("--plan-shapes", default="",
                    help="shapes the fast preset plans for (default: SpeedConfig's own, 1x32, 1x128 and 32x64)")
     p.add_argument("--plan-runs", type=int, default=None, help="timing rounds per planned candidate "
