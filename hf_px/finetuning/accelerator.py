@@ -41,7 +41,7 @@ def make_accelerator(config: FinetuneConfig):
         else:
             warnings.warn("log_with includes 'tensorboard' but tensorboard is not installed "
                           "(pip install tensorboard); logging to JSON lines only.", stacklevel=3)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not has_device(),  # CPU processes need this to form a gloo group (docs/offline.md §5)
         mixed_precision=_mixed_precision(config.mixed_precision),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -49,3 +49,16 @@ def make_accelerator(config: FinetuneConfig):
         log_with=log_with or None,
         project_dir=config.output_dir,
     )
+    _warn_if_fsdp_fell_back(accelerator)
+    return accelerator
+
+
+def _warn_if_fsdp_fell_back(accelerator) -> None:
+    """Accelerate (1.15) runs an FSDP launch on CPU processes as DDP and says nothing: say it."""
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP and accelerator.is_main_process:
+        warnings.warn(f"the launch asked for FSDP, but Accelerate runs these processes as "
+                      f"{accelerator.distributed_type.value} (it shards only on GPUs and other accelerators): every "
+                      "process holds the whole model and the run is plain data parallel.", stacklevel=3)

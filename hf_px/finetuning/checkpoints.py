@@ -91,9 +91,17 @@ def _read_json(path: str) -> Any:
         return json.load(fh)
 
 
+class _Discard(dict):
+    """A tensor sink that keeps nothing: whole optimizer states are only held by the process that writes them."""
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        pass
+
+
 def write_object(folder: str, name: str, obj: Any, write: bool) -> None:
     """``name.json`` (+ ``name.safetensors`` when it holds tensors); ``write=False`` only takes part in gathers."""
-    tensors: dict[str, torch.Tensor] = {}
+    # a process that does not write still gathers FSDP2 shards with the others, but keeps none of them
+    tensors: dict[str, torch.Tensor] = {} if write else _Discard()
     data = encode(obj, tensors)
     if not write:
         return
@@ -116,7 +124,11 @@ def read_object(folder: str, name: str) -> Any:
 
 def write_model(model: torch.nn.Module, path: str, write: bool) -> None:
     """The state dict as safetensors; a tensor shared by several names (tied embeddings) is stored once."""
-    state = {name: _full(t) for name, t in model.state_dict().items()}
+    state = {}
+    for name, t in model.state_dict().items():
+        whole = _full(t)  # every process takes part in each FSDP2 gather; only the writer keeps the result
+        if write:
+            state[name] = whole
     if not write:
         return
     kept: dict[str, torch.Tensor] = {}

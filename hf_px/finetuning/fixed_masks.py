@@ -53,7 +53,7 @@ def bind_masks(model: nn.Module, masks_by_name: dict[str, torch.Tensor]) -> list
         elif tuple(param.shape) != tuple(mask.shape):
             raise ValueError(f"parameter {key!r} has shape {tuple(param.shape)} after accelerator.prepare but its "
                              f"mask {tuple(mask.shape)}: flattened FSDP parameters cannot hold masks. Use FSDP2 "
-                             "(fsdp_version: 2, as in scripts/configs/accelerate_fsdp.yaml) or DDP.")
+                             "(fsdp_version: 2, as in scripts/configs/accelerate_fsdp2.yaml) or DDP.")
         else:
             mask = mask.to(param.device)
         pairs.append((param, mask))
@@ -85,14 +85,30 @@ def _full(param: torch.Tensor) -> torch.Tensor:
 
 
 def check_sparsity(model: nn.Module, masks: dict[str, torch.Tensor], kept_before: int, total: int) -> dict:
-    """Counts before/after; raises if any pruned weight became non-zero (a bug, never expected)."""
+    """Counts before/after; raises if any pruned weight became non-zero (a bug, never expected).
+
+    Under FSDP2 the counts are taken on whole tensors (a shard's own zeros would under-count), gathered one
+    parameter at a time in ``named_parameters`` order, the same on every process, so no process ever holds more
+    than one whole weight for the check.
+    """
     info = {"masked_params": total, "kept_before": kept_before, "density_before": kept_before / max(total, 1)}
     if not masks:
         return info
-    params = {n: _full(p) for n, p in model.named_parameters() if n in masks}
-    leaked = sum(int((params[n][~m.to(params[n].device)] != 0).sum()) for n, m in masks.items())
+    leaked = kept_after = 0
+    seen = set()
+    for name, param in model.named_parameters():
+        key = _clean(name)  # activation checkpointing renames parameters, and the check must not skip them
+        if key not in masks:
+            continue
+        seen.add(key)
+        whole = _full(param)
+        mask = masks[key].to(whole.device)
+        leaked += int((whole[~mask] != 0).sum())
+        kept_after += int((whole != 0).sum())
+    if len(seen) != len(masks):  # a count over fewer tensors would read as lost sparsity, or none at all
+        missing = sorted(set(masks) - seen)
+        raise ValueError(f"{len(missing)} masked parameters are not in the fine-tuned model (e.g. {missing[0]!r}).")
     if leaked:
         raise RuntimeError(f"{leaked} pruned weights are non-zero after fine-tuning; masks were not held fixed.")
-    kept_after = sum(int((p != 0).sum()) for p in params.values())
     info.update({"nonzero_after": kept_after, "density_after": kept_after / max(total, 1), "pruned_all_zero": True})
     return info

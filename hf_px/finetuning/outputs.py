@@ -67,6 +67,33 @@ def find_resume_point(root: str, warn: bool = True) -> str | None:
     return None
 
 
+def require_shared_folder(folder: str) -> None:
+    """Raise on every process unless every process sees ``folder``, which the main process has just created.
+
+    Each process writes its own RNG state into a checkpoint and reads the checkpoint back on resume, so across
+    machines the output folder must be on a shared filesystem. Without this check the processes of the other
+    machines fail alone and the main process waits for them in the next collective until it times out.
+    """
+    import torch.distributed as dist
+
+    seen = os.path.isdir(folder)
+    for _ in range(20):  # a network filesystem may show a new folder to other machines a moment late
+        if seen:
+            break
+        time.sleep(0.25)
+        seen = os.path.isdir(folder)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flags: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, seen)
+    else:
+        flags = [seen]
+    blind = [rank for rank, ok in enumerate(flags) if not ok]
+    if blind:
+        raise RuntimeError(f"process(es) {blind} cannot see {folder}, which the main process created: "
+                           "finetune.output_dir must be on a filesystem that every machine shares (NFS, Lustre, ...) "
+                           "for checkpoints and resume.")
+
+
 def save_checkpoint(accelerator: Any, root: str, step: int, state: dict[str, Any], masks: dict[str, torch.Tensor],
                     keep: int | None, model: Any, optimizer: Any, scheduler: Any) -> str:
     """Everything a resume needs, in a temporary folder renamed to ``root/step_N`` (all processes call)."""
@@ -78,6 +105,7 @@ def save_checkpoint(accelerator: Any, root: str, step: int, state: dict[str, Any
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
+    require_shared_folder(tmp)
     checkpoints.write_rng(tmp, accelerator.process_index)  # every process draws its own dropout masks
     # DDP replicates the model and the optimizer: the main process writes them (every process gathers FSDP shards)
     checkpoints.write_model(accelerator.unwrap_model(model), os.path.join(tmp, checkpoints.MODEL_FILE), main)
@@ -129,10 +157,82 @@ def load_checkpoint_state(path: str, accelerator: Any, model: Any, optimizer: An
         checkpoints.read_rng(path, accelerator.process_index)
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2 (DTensor) parameters: each process then has only a slice of each weight."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def gathered_copy(model: torch.nn.Module, keep: bool) -> torch.nn.Module | None:
+    """A plain copy of an FSDP2-sharded model with whole tensors on the CPU (``keep=False``: None).
+
+    Every process must call it: each parameter is gathered with a collective, one at a time, so only the
+    process that keeps the copy (the one that saves) ever holds the whole model. The copy is built from the
+    model's class and config on the meta device, then given the gathered tensors, so it carries no FSDP hooks:
+    ``save_pretrained`` and stock ``from_pretrained`` see an ordinary model. Tied weights stay tied: every
+    module that holds a tied placeholder gets the same gathered parameter.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    from .fixed_masks import _clean  # activation checkpointing's wrappers rename parameters
+
+    plain_cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    if not hasattr(model, "config"):  # every process raises, before any gather
+        raise TypeError(f"cannot rebuild an unsharded {plain_cls.__name__} to save: only transformers models "
+                        "(with a .config) are saved from FSDP2 shards.")
+    plain = None
+    if keep:
+        with torch.device("meta"):
+            plain = plain_cls(model.config)
+        if getattr(model, "generation_config", None) is not None:  # loaded with the model, not part of config
+            plain.generation_config = model.generation_config
+        placeholders = dict(plain.named_parameters())
+    for name, param in model.named_parameters():
+        whole = _whole(param)
+        if plain is not None:
+            # a new Parameter rather than .data: a meta placeholder cannot take a CPU tensor in place
+            _replace(plain, placeholders[_clean(name)], torch.nn.Parameter(whole, requires_grad=param.requires_grad))
+    for name, buf in model.named_buffers():  # FSDP2 keeps buffers whole; non-persistent ones are copied too
+        whole = _whole(buf)
+        if plain is not None:
+            owner, _, attr = _clean(name).rpartition(".")
+            plain.get_submodule(owner)._buffers[attr] = whole
+    if plain is None:
+        return None
+    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{len(left)} tensors of the unsharded copy were not filled (e.g. {left[0]!r}).")
+    plain.train(model.training)
+    return plain
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        return t.full_tensor().cpu()  # a collective; the gathered tensor is already a new one
+    return t.cpu().clone()
+
+
+def _replace(root: torch.nn.Module, placeholder: torch.Tensor, value: torch.nn.Parameter) -> None:
+    for module in root.modules():
+        for attr, held in list(module._parameters.items()):
+            if held is placeholder:
+                module._parameters[attr] = value
+
+
 def save_outputs(accelerator: Any, output: Any, config: Any, masks: dict[str, torch.Tensor] | None,
                  tokenizer: Any) -> None:
-    """The final model (``output_dir/model``) and ``results.json``, written by the main process."""
+    """The final model (``output_dir/model``) and ``results.json``, written by the main process.
+
+    An FSDP2-sharded model is first gathered into a plain copy on the main process (every process takes part),
+    so the folder holds whole tensors and reloads with stock ``from_pretrained``; the model itself stays sharded.
+    """
     accelerator.wait_for_everyone()
+    to_save = output.model
+    if is_sharded(to_save):
+        if hasattr(to_save, "peft_config"):  # checked on every process, so none is left waiting in a gather
+            raise NotImplementedError("saving unmerged LoRA adapters from an FSDP2-sharded model is not supported; "
+                                      "set merge_lora, or fine-tune with DDP.")
+        to_save = gathered_copy(to_save, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
         results = {"metrics": output.metrics, "global_step": output.global_step, "sparsity": output.sparsity,
                    "world_size": output.world_size, "resumed_from": output.resumed_from, "config": config.to_dict(),
@@ -147,7 +247,7 @@ def save_outputs(accelerator: Any, output: Any, config: Any, masks: dict[str, to
         else:
             from ..export.serialization import save_pretrained
 
-            save_pretrained(output.model, model_dir, masks=masks, tokenizer=tokenizer,
+            save_pretrained(to_save, model_dir, masks=masks, tokenizer=tokenizer,
                             metadata={"finetune": results})
         tmp = os.path.join(config.output_dir, ".results.json.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
