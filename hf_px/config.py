@@ -54,7 +54,7 @@ class PruneConfig:
             pruned away entirely, because paths can bypass a block through the skip connection.
         keep_rule: how the global threshold counts: exact (keep round(density × N) weights, ties at the cut broken
             by position) or reference (prune int((1 − density) × N) and every weight tied with the threshold, as the
-            reference PX code does; reproduces its masks, may keep a few weights fewer). docs/px.md §3.
+            reference PX code does; reproduces its masks, may keep a few weights fewer).
         generic: prune unregistered architectures (every Linear in the repeated blocks).
         seed: seed for random scores and probes.
         pcn: optional PCN width reduction applied before PX (``hf_px.pcn.PCNConfig``).

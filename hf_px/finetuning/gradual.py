@@ -141,7 +141,8 @@ class GradualPruner:
         self.ctx.round += 1
         self.ctx.masks = self.masks
         scores = self.scorer.score(self.ctx)
-        new = select_masks(self.targets, scores, self.masks, 1.0 - sparsity, self.config.prune.min_density_ratio)
+        new = select_masks(self.targets, scores, self.masks, 1.0 - sparsity, self.config.prune.min_density_ratio,
+                           keep_rule=self.config.prune.keep_rule)
         _broadcast(new)  # every process holds the same masks, whatever its floating-point history
         for name, mask in new.items():
             self.masks[name].copy_(mask.cpu() & self.masks[name])

@@ -85,6 +85,22 @@ def check_sparsity(sparsity: float, sizes: list[int]) -> None:
     )
 
 
+def check_unsharded(model: nn.Module, method: str) -> None:
+    """Refuse an FSDP2-sharded model (DTensor weights): every scorer reads whole weights (PX runs whole blocks).
+
+    The message names what works instead: prune before sharding, or threshold per-shard scores yourself.
+    """
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return
+    raise ValueError(
+        f"{method} scores whole weights (PX runs whole blocks through its two passes), but this model's weights "
+        "are FSDP2 shards (DTensor). Prune before fully_shard: load the model whole on every process and call "
+        "hf_px.prune there, each process with its share of the calibration batches (the data terms are summed "
+        "over processes, so all get the same masks), then shard it; fine-tuning keeps the masks on the shards. "
+        "Scores you compute per shard can be thresholded with hf_px.pruning.masks.select_masks_sharded."
+    )
+
+
 def prune(
     model: nn.Module,
     batches: list,
@@ -114,6 +130,7 @@ def prune(
         config = dataclasses.replace(config, method="ntk_diag",
                                      options={"hutchinson_probes": config.options.hutchinson_probes})
     scorer = get_scorer(config.method, config.options)
+    check_unsharded(model, config.method)
     if scorer.needs_data:
         _check_batches(batches)
 
@@ -139,7 +156,9 @@ def prune(
     for r, d in enumerate(bar, start=1):
         ctx.round = r
         scores = scorer.score(ctx)
-        ctx.masks = select_masks(targets, scores, ctx.masks, d, config.min_density_ratio)
+        ctx.masks = select_masks(targets, scores, ctx.masks, d, config.min_density_ratio,
+                                 keep_rule=config.keep_rule)
+        del scores  # not held while the next round scores: one float64 copy of the prunable weights less at its peak
         apply_masks(model, ctx.masks)
         bar.set_postfix(density=f"{d:.4f}")
     elapsed = time.perf_counter() - start

@@ -82,13 +82,33 @@ def bound_gate(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return torch.maximum(secant_gate(act, z).abs(), deriv.abs())
 
 
+def batch_statistics_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A train-mode BatchNorm of ``x`` with ``x``'s own batch statistics and the module's raw γ and β.
+
+    Plain networks' ``bn="batch"`` (docs/px.md §4): each auxiliary pass renormalises its own activations, as a
+    BatchNorm left in train mode would, so the A and B passes see their own statistics, not the real network's.
+    Computed here rather than by switching the module to train mode, so running statistics never move and a
+    one-sample B pass of a BatchNorm1d is allowed (its variance is 0: the output is β).
+    """
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, unbiased=False, keepdim=True)
+    out = (x - mean) * (var + module.eps).rsqrt()
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    if getattr(module, "weight", None) is not None:
+        out = out * module.weight.to(x.dtype).view(shape)
+    if getattr(module, "bias", None) is not None:
+        out = out + module.bias.to(x.dtype).view(shape)
+    return out
+
+
 @dataclass
 class SurrogateRun:
     """Hooks on blocks, activations and norms of a model, switched between record / A / B modes."""
 
     blocks: list[nn.Module]
     activations: list[nn.Module]
-    norms: list[tuple[nn.Module, str]]  # (module, "layernorm" | "rmsnorm" | "batchnorm")
+    norms: list[tuple[nn.Module, str]]  # (module, "layernorm" | "rmsnorm" | "batchnorm" | "batchnorm-batch")
     gated: bool = False
     causal: bool = False
     a_gate: str = "secant"
@@ -150,7 +170,11 @@ class SurrogateRun:
             if self.gated:
                 self.push(module, "c", output.detach())
             else:
-                gate = bound_gate(module, z) if self.a_gate == "bound" else secant_gate(module, z)
+                # detached: with Q/K probes the record pass runs with grad, and a gate built from the live z
+                # would keep its float64 autograd graph (about 3 float64 copies of the FFN activations per
+                # layer) alive until the round ends; the probes never differentiate through the gate
+                zd = z.detach()
+                gate = bound_gate(module, zd) if self.a_gate == "bound" else secant_gate(module, zd)
                 self.push(module, "g", gate.to(z.dtype))
             return None
         if self.mode in ("A", "replay"):
@@ -196,6 +220,8 @@ class SurrogateRun:
                 if getattr(module, "bias", None) is not None:
                     out = out + module.bias
                 return out
+            if kind == "batchnorm-batch" and self.mode in ("A", "B"):
+                return batch_statistics_norm(module, x)
             if self.mode == "A":
                 if kind == "batchnorm":
                     s = (module.running_var + module.eps).rsqrt().to(x.dtype)

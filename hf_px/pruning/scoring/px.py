@@ -1,7 +1,8 @@
 """PX (Path eXclusion) saliency: S_j = θ_j²·|∂R/∂(θ_j²)|, R = Σ_{n,k} A_k(x_n)·B_k(θ) (docs/px.md §2, §5).
 
 * Plain networks (Linear/Conv2d + nn.ReLU, no ``transformers`` base class) use the paper's path network:
-  A = unit weights on x² with the real ReLU patterns, B = θ² on an all-ones input, biases 1 in A and b² in B.
+  A = unit weights on x² with the real ReLU patterns, B = θ² on an all-ones input, biases 1 in A and b² in B;
+  BatchNorm folded in or renormalising each pass (``PXOptions.bn``), named heads raw in both (docs/px.md §4).
 * Registered transformers use the gated-linear surrogate of :mod:`hf_px.pruning.surrogate`; the A pass runs in float64
   with a fixed rescale at each block boundary; heads keep raw weights. Q/K (and a gated MLP's gate) are
   off-path: scored by the exact NTK diagonal (or magnitude) and ranked inside their block by ``hf_px.pruning.masks``.
@@ -52,8 +53,12 @@ class PXOptions(Options):
             token-route factor.
         rescale: divide the residual stream by this constant at every block boundary in the A pass (None:
             hidden_size * max(hidden_size, FFN width)); keeps float64 from overflowing, masks do not change.
-        head_modules: plain networks: names of modules that keep raw signed weights in both passes and are not
-            scored, e.g. [fc] (the reference code's classifier convention).
+        head_modules: plain networks: names of modules that keep raw signed weights in both passes, e.g. [fc] (the
+            reference code's classifier convention); their weights stay prunable, scored |∂R/∂θ|·θ², and make
+            the ranking depend on the data.
+        bn: plain networks: the BatchNorm statistics of the auxiliary passes: running (eval statistics folded in:
+            (1/σ)² in A, γ² in B) or batch (each pass renormalises its own activations with their batch
+            statistics and raw γ, β, as the reference code's train-mode copies do).
     """
 
     qk_score: str = "ntk_diag"
@@ -62,10 +67,12 @@ class PXOptions(Options):
     b_length: int | None = None
     rescale: float | None = None
     head_modules: tuple[str, ...] = ()
+    bn: str = "running"
 
     def __post_init__(self) -> None:
         check_choice("qk_score", self.qk_score, ("ntk_diag", "magnitude"))
         check_choice("a_gate", self.a_gate, ("secant", "bound"))
+        check_choice("bn", self.bn, ("running", "batch"))
         check_int("hutchinson_probes", self.hutchinson_probes, 1, 1000)
         check_int("b_length", self.b_length, 1, none="the mean real length")
         check_positive("rescale", self.rescale, none="hidden_size * max(hidden_size, FFN width)")
@@ -126,19 +133,28 @@ def _px_from_grads(targets: list[Target], leaves: dict, grads: dict) -> dict[str
 
 
 def path_scores(model: nn.Module, targets: list[Target], masks: dict, batches: list,
-                head_modules: tuple[nn.Module, ...] = ()) -> tuple[dict[str, torch.Tensor], float]:
-    """PX on a plain ReLU network; returns (scores by target key, R)."""
+                head_modules: tuple[nn.Module, ...] = (), bn: str = "running",
+                ) -> tuple[dict[str, torch.Tensor], float]:
+    """PX on a plain ReLU network; returns (scores by target key, R).
+
+    ``head_modules`` keep raw signed weights in both passes; a prunable weight among them is a raw B-pass leaf
+    scored |∂R/∂θ|·θ². ``bn`` is "running" (eval statistics folded in) or "batch" (each auxiliary pass uses its
+    own batch statistics). The passes run in float64 whatever the model's dtype.
+    """
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    norms = [(m, "batchnorm") for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kind = "batchnorm-batch" if bn == "batch" else "batchnorm"
+    norms = [(m, kind) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     run = SurrogateRun(blocks=[], activations=[], norms=norms, relus=relus)
     params_a, params_b, leaves = _aux_params(model, targets, masks, plain=True)
-    for head in head_modules:  # official "fc" convention: raw signed weights in both passes
-        for name, p in model.named_parameters():
-            if any(p is q for q in head.parameters()):
-                params_a[name] = params_b[name] = p.detach().double()
-                leaves.pop(id(p), None)
+    # BatchNorm's own forward still runs inside the float64 passes (its output is then replaced by the hook), so
+    # its running statistics must be float64 too, or a float32 model fails on mixed dtypes
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point():
+            params_a[name] = params_b[name] = buf.detach().double()
+    raw = _raw_heads(model, head_modules, params_a, params_b, leaves)
     was_training = model.training
     model.eval()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     a_bar, example = None, None
     try:
         with run.installed():
@@ -146,8 +162,8 @@ def path_scores(model: nn.Module, targets: list[Target], masks: dict, batches: l
                 x = plain_input(batch)
                 example = x
                 run.clear()
-                with run.use("record"), torch.no_grad():
-                    model(x)
+                with run.use("record"), torch.no_grad():  # the real network, in its own dtype
+                    model(x.to(dtype) if dtype is not None and x.is_floating_point() else x)
                 with run.use("A"), torch.no_grad():
                     out = functional_call(model, params_a, (x.double() ** 2,))
                 a_bar = out.sum(0) if a_bar is None else a_bar + out.sum(0)
@@ -159,10 +175,43 @@ def path_scores(model: nn.Module, targets: list[Target], masks: dict, batches: l
                 out_b = functional_call(model, params_b, (ones,))
                 r = (a_bar * out_b[0]).sum()
                 ids = list(leaves)
-                grads = dict(zip(ids, torch.autograd.grad(r, [leaves[i] for i in ids]), strict=True))
+                grads = dict(zip(ids, torch.autograd.grad(r, [leaves[i] for i in ids], allow_unused=True),
+                                 strict=True))
+                grads = {i: torch.zeros_like(leaves[i]) if g is None else g for i, g in grads.items()}
     finally:
         model.train(was_training)
-    return _px_from_grads([t for t in targets if id(t.param) in leaves], leaves, grads), float(r.detach())
+    scored = [t for t in targets if id(t.param) in leaves]
+    scores = _px_from_grads([t for t in scored if id(t.param) not in raw], leaves, grads)
+    for t in scored:
+        if id(t.param) in raw:  # the leaf is θ itself: |∂R/∂θ|·θ²
+            theta = leaves[id(t.param)].detach()
+            scores[t.key] = t.view(grads[id(t.param)].abs() * theta * theta)
+    return scores, float(r.detach())
+
+
+def _raw_heads(model: nn.Module, head_modules: tuple[nn.Module, ...], params_a: dict, params_b: dict,
+               leaves: dict) -> set[int]:
+    """Give the head modules' parameters their raw signed values in both passes; returns the raw leaves' ids.
+
+    The reference code's classifier convention: the head enters A and B once each with its real weights, so
+    Ā_k differs between outputs and the ranking depends on the data (with unit head weights in A every Ā_k is
+    equal, docs/px.md §4). A prunable head weight stays a B-pass leaf, now θ rather than θ², so it is still
+    ranked with the rest instead of silently dropping out of the scores.
+    """
+    head_ids = {id(p) for head in head_modules for p in head.parameters()}
+    raw = set()
+    for name, p in model.named_parameters():
+        if id(p) not in head_ids:
+            continue
+        theta = p.detach().double()
+        params_a[name] = theta
+        if id(p) in leaves:
+            leaf = theta.clone().requires_grad_(True)
+            params_b[name] = leaves[id(p)] = leaf
+            raw.add(id(p))
+        else:
+            params_b[name] = theta
+    return raw
 
 
 def default_rescale(model: nn.Module) -> float:
@@ -191,11 +240,132 @@ def build_run(model: nn.Module, a_gate: str = "secant", rescale: float | None = 
     return run, head
 
 
+def _layer_kinds(root: nn.Module) -> dict[int, str]:
+    """{param id: "weight" | "bias"} for the linear layers of ``root``."""
+    kinds = {}
+    for module in root.modules():
+        if is_linear_like(module):
+            kinds[id(module.weight)] = "weight"
+            if module.bias is not None:
+                kinds[id(module.bias)] = "bias"
+    return kinds
+
+
+def _discarded_params(on: list[Target], off: list[Target]) -> set[int]:
+    """Ids of the off-path weights (Q/K, a gated MLP's gate) that no on-path target shares.
+
+    The surrogate discards their outputs in both auxiliary passes (attention reads the recorded P or all-ones
+    mixing, the gated MLP its recorded coefficient or 1; docs/px.md §5.7), so they need no float64 copy: a
+    zero of the right shape that takes no memory (an expanded scalar) gives the same passes.
+    """
+    on_ids = {id(t.param) for t in on}
+    return {id(t.param) for t in off if id(t.param) not in on_ids}
+
+
+def _placeholder(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float64).expand(p.shape)
+
+
+def _a_params(root: nn.Module, on: list[Target], masks: dict, keep_dtype: set[int], discarded: set[int]) -> dict:
+    """Parameters of the A pass: masks for targets, 1 for other weights, 0 for biases, θ (float64) elsewhere.
+
+    Built per batch and dropped after its A pass, so these float64 copies never coexist with the record pass's
+    autograd graph or with the B pass's leaves.
+    """
+    kinds, target_ids = _layer_kinds(root), {id(t.param): t.param_name for t in on}
+    params = {}
+    for name, p in root.named_parameters():
+        kind = kinds.get(id(p))
+        if id(p) in keep_dtype and kind is None:
+            params[name] = p.detach()
+        elif id(p) in discarded:
+            params[name] = _placeholder(p)
+        elif kind == "weight":
+            mname = target_ids.get(id(p))
+            params[name] = masks[mname].double() if mname else torch.ones_like(p, dtype=torch.float64)
+        elif kind == "bias":
+            params[name] = torch.zeros_like(p, dtype=torch.float64)
+        else:
+            params[name] = p.detach().double()
+    return params
+
+
+def _b_params(root: nn.Module, on: list[Target], keep_dtype: set[int], discarded: set[int],
+              cache: dict | None) -> tuple[dict, dict]:
+    """Parameters of the B pass (θ² for weights, 0 for biases, θ elsewhere) and its leaves {param id: θ²}.
+
+    ``cache`` keeps the float64 θ of dense, never-pruned weights between rounds.
+    """
+    kinds, target_ids = _layer_kinds(root), {id(t.param) for t in on}
+    cache = {} if cache is None else cache
+    params, leaves = {}, {}
+    for name, p in root.named_parameters():
+        kind = kinds.get(id(p))
+        if id(p) in keep_dtype and kind is None:
+            params[name] = p.detach()
+        elif id(p) in discarded:
+            params[name] = _placeholder(p)
+        elif kind == "weight":
+            if id(p) in target_ids:
+                theta = p.detach().double()
+            elif name not in cache:  # a dense, never-pruned weight: its θ² is the same every round
+                theta = cache[name] = p.detach().double()
+            else:
+                theta = cache[name]
+            sq = theta * theta
+            if id(p) in target_ids:
+                sq.requires_grad_(True)
+                leaves[id(p)] = sq
+            params[name] = sq
+        elif kind == "bias":
+            params[name] = torch.zeros_like(p, dtype=torch.float64)
+        else:
+            params[name] = p.detach().double()
+    return params, leaves
+
+
+def _scores_into_leaves(r: torch.Tensor, leaves: dict[int, torch.Tensor]) -> None:
+    """Backpropagate R and overwrite every leaf θ² with its PX score |∂R/∂θ²|·θ², in place.
+
+    A leaf's accumulate hook fires once its gradient is complete, after every node that saved the leaf has run,
+    so the leaf can take its score right there and the gradient can go: the scores cost no memory beyond the
+    leaves, and one gradient exists at a time instead of all of them. (Were a later node still to need the leaf,
+    autograd's version counter would raise, not miscompute.) |g|·θ² and θ²·|g| are the same float64 product;
+    a leaf that gets no gradient scores 0·θ², as a zero gradient would.
+    """
+    done: set[int] = set()
+
+    def hook(leaf: torch.Tensor) -> None:
+        g, leaf.grad = leaf.grad, None
+        with torch.no_grad():
+            leaf.mul_(g.abs())
+        done.add(id(leaf))
+
+    tensors = list(leaves.values())
+    handles = [leaf.register_post_accumulate_grad_hook(hook) for leaf in tensors]
+    try:
+        if tensors and r.requires_grad:
+            torch.autograd.backward(r, inputs=tensors)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for leaf in tensors:
+            if id(leaf) not in done:
+                leaf.mul_(0.0)
+            leaf.requires_grad_(False)
+
+
 def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, batches: list, *,
                        qk_score: str = "ntk_diag", a_gate: str = "secant", rescale: float | None = None,
                        probes: int = 1, b_length: int | None = None, generator: torch.Generator | None = None,
                        cache: dict | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """PX with the gated-linear surrogate on a registered transformer; returns (scores, R)."""
+    """PX with the gated-linear surrogate on a registered transformer; returns (scores, R).
+
+    Peak memory (scripts/bench_px_memory.py): the record pass's graph, the A pass's float64 parameters and the
+    B pass's leaves are never held at once, the recorded gates carry no graph, the discarded Q/K (gate) weights
+    get no float64 copy, and each B leaf becomes its score in place.
+    """
     run, head = build_run(model, a_gate=a_gate, rescale=rescale)
     base = model.base_model
     on = [t for t in targets if t.on_path]
@@ -205,7 +375,7 @@ def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, bat
     blocks_and_norms = list(run.blocks) + [m for m, _ in run.norms]
     inside = {id(p) for m in blocks_and_norms for p in m.parameters()}
     keep_dtype = {id(p) for p in base.parameters()} - inside  # embeddings: their output is replaced
-    params_a, params_b, leaves = _aux_params(base, on, masks, plain=False, keep_dtype=keep_dtype, cache=cache)
+    discarded = _discarded_params(on, off)
     pad_id = getattr(model.config, "pad_token_id", None)
 
     a_bar, lengths, example = None, torch.zeros(2, dtype=torch.float64), None
@@ -225,16 +395,20 @@ def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, bat
                     if off_params:
                         valid = mask.to(out.dtype).unsqueeze(-1) if head.pooling == "none" and mask is not None else None
                         accumulate_probe_grads(out, off_params, acc, probes, generator, valid)
+                del hidden, out
                 run.pad_mask = mask
+                params_a = _a_params(base, on, masks, keep_dtype, discarded)
                 with run.use("A"), torch.no_grad():
                     hidden_a = functional_call(base, params_a, (), inputs)[0]
                     out_a = run_head(head, pool(head, hidden_a, inputs, pad_id), "A", gates)
                     if head.pooling == "none" and mask is not None:
                         out_a = out_a * mask.to(out_a.dtype).unsqueeze(-1)
+                del params_a, hidden_a
                 run.pad_mask = None
                 a_bar = _add_padded(a_bar, out_a.sum(0))
                 if mask is not None:
                     lengths += torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64)
+            run.clear()  # the B pass reads no record
             if a_bar is None:
                 raise ValueError("empty calibration set: PX needs at least one batch.")
             if head.pooling == "none":  # per-position outputs: ranks may have seen different lengths
@@ -243,19 +417,19 @@ def transformer_scores(model: nn.Module, targets: list[Target], masks: dict, bat
             acc = [all_reduce_sum(a) for a in acc]
             lengths = all_reduce_sum(lengths)
 
+            params_b, leaves = _b_params(base, on, keep_dtype, discarded, cache)
             with run.use("B"), torch.enable_grad():
                 b_inputs = _b_inputs(example, head.pooling, a_bar, lengths, b_length)
                 hidden_b = functional_call(base, params_b, (), b_inputs)[0]
                 out_b = run_head(head, pool(head, hidden_b, {}, None), "B")
                 r = (a_bar * out_b[0]).sum()
-                ids = list(leaves)
-                raw = torch.autograd.grad(r, [leaves[i] for i in ids], allow_unused=True)
-                grads = {i: torch.zeros_like(leaves[i]) if g is None else g for i, g in zip(ids, raw, strict=True)}
+                del params_b, hidden_b, out_b
+                _scores_into_leaves(r, leaves)
     finally:
         run.clear()
         model.train(was_training)
 
-    scores = _px_from_grads(on, leaves, grads)
+    scores = {t.key: t.view(leaves[id(t.param)].detach()) for t in on}
     by_param = {id(p): a for p, a in zip(off_params, acc, strict=True)}
     for t in off:
         theta = t.view(t.param.detach().double())
@@ -318,7 +492,7 @@ class PXScorer(Scorer):
         opt = self.options
         if not is_transformers_model(ctx.model):
             heads = tuple(get_module(ctx.model, n) for n in opt.head_modules)
-            scores, r = path_scores(ctx.model, ctx.targets, ctx.masks, ctx.batches, heads)
+            scores, r = path_scores(ctx.model, ctx.targets, ctx.masks, ctx.batches, heads, bn=opt.bn)
         else:
             scores, r = transformer_scores(
                 ctx.model, ctx.targets, ctx.masks, ctx.batches, qk_score=opt.qk_score, a_gate=opt.a_gate,
