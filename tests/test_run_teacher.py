@@ -78,7 +78,8 @@ def test_teacher_is_the_baseline_the_distillation_source_and_what_is_pruned(tmp_
 
 def test_source_pretrained_prunes_the_starting_model_not_the_teacher(tmp_path):
     out = tmp_path / "run"
-    cfg = tiny_config(out, teacher={}, pcn=None, prune={"method": "px", "sparsity": 0.75, "rounds": 2},
+    cfg = tiny_config(out, teacher={}, pcn=None,
+                      prune={"method": "px", "sparsity": 0.75, "rounds": 2, "source": "pretrained"},
                       finetune={"max_steps": 2, "batch_size": 16, "progress_bar": False})
     result = hf_px.run(cfg, progress=False)
     assert result.stages["teacher"] == "ran"
@@ -86,6 +87,16 @@ def test_source_pretrained_prunes_the_starting_model_not_the_teacher(tmp_path):
     assert _summary(out, "04-prune")["model_sha256"] != _teacher_with_masks_digest(out)
     assert "distilled_from" not in _summary(out, "05-finetune")  # a teacher without distill: baseline only
     assert json.loads((out / "report.json").read_text())["baseline"]
+
+    # the default, source: auto, prunes the teacher once there is one: only the pruning onward is redone
+    auto = hf_px.run(cfg, progress=False, overrides={"prune.source": "auto"})
+    assert auto.stages["teacher"] == "skipped" and auto.stages["prune"] == "ran"
+    assert _summary(out, "04-prune")["model_sha256"] == _teacher_with_masks_digest(out)
+
+
+def test_source_auto_without_a_teacher_prunes_the_starting_model(tmp_path):
+    cfg = RunConfig.from_dict(tiny_config(tmp_path / "run", pcn=None))
+    assert cfg.prune.source == "auto" and cfg.teacher is None  # auto does not switch a teacher stage on
 
 
 def test_teacher_config_errors(tmp_path):

@@ -102,8 +102,9 @@ CLI_HELP: dict[str, str] = {
     "threshold. Each round re-scores the whole model (PX on MiniLM: about 1.5 s a round on a laptop CPU, so the "
     "paper's 100 take minutes); 10 rounds recovered as well as 100 in the recovery benchmark.",
     "prune.source": "the weights the run compresses (PCN and pruning): pretrained, the checkpoint as loaded (the "
-    "PX paper's setting: scores from the pretrained weights on downstream batches), or teacher, the dense model "
-    "after the run's teacher stage fine-tuned it on the task.",
+    "PX paper's setting: scores from the pretrained weights on downstream batches); teacher, the dense model "
+    "after the run's teacher stage fine-tuned it on the task; or auto (default): the teacher when the run has a "
+    "teacher stage, else pretrained. The teacher kept more accuracy on all three seeds measured.",
     "prune.options": "the method's own settings as a mapping, e.g. {a_gate: bound} for px or {per_row: false} for "
     "wanda; null: the method's defaults. Each one is also a key of its own (prune.options.KEY, listed with the "
     "methods that have it). Unknown keys are errors.",

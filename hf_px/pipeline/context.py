@@ -58,8 +58,9 @@ class Context:
         return self.stage_path("teacher") / "model"
 
     def compresses_teacher(self) -> bool:
-        """PCN and pruning start from the teacher stage's fine-tuned weights (``prune.source: teacher``)."""
-        return self.cfg.prune is not None and self.cfg.prune.source == "teacher" and self.has("teacher")
+        """PCN and pruning start from the teacher stage's fine-tuned weights (``prune.source: teacher``, or ``auto``
+        with a teacher stage)."""
+        return self.cfg.prune is not None and self.cfg.prune.source in ("teacher", "auto") and self.has("teacher")
 
 
 # ------------------------------------------------------------------------------------------ models

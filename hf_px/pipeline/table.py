@@ -50,7 +50,10 @@ def _recipe(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _source(d: dict[str, Any]) -> str:
-    return (d["prune"] or {}).get("source", "pretrained")
+    source = (d["prune"] or {}).get("source", "auto")
+    if source == "auto":  # what auto resolves to is what the output depends on
+        return "teacher" if d.get("teacher") is not None else "pretrained"
+    return source
 
 
 def _report_inputs(d: dict[str, Any]) -> Any:
