@@ -261,9 +261,23 @@ def summary(records: list[dict[str, Any]], plot_path: Path | None = None) -> str
         parts.append(f"{head}: % of dense accuracy kept\n\n{markdown_table(group, 'retained')}")
     text = "\n\n".join(parts)
     if plot_path is not None and records:
-        text += "\n\n" + plot(with_dense(records), plot_path, key="accuracy",
-                              panel=lambda r: f"{r['dataset']} ({r['recipe']}, from {r['source']})")
+        text += "\n\n" + plot(plot_records(records), plot_path, key="retained", panel=lambda r: r["dataset"])
     return text
+
+
+# the variants the plot shows beside the one-shot grid, by (recipe, source); the tables show every recipe
+PLOT_VARIANTS = {("demo-e1", "pretrained"): "{}", ("demo-e1", "teacher"): "{} from teacher",
+                 ("demo-e1-gradual", "pretrained"): "{} gradual"}
+
+
+def plot_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One panel per dataset: share of dense kept, the grid's methods plus PX's variants as their own lines."""
+    chosen = [r for r in records if (r["recipe"], r["source"]) in PLOT_VARIANTS] or records
+    out = []
+    for r in with_dense(chosen):
+        name = PLOT_VARIANTS.get((r["recipe"], r["source"]), "{}").format(r["method"])
+        out.append({**r, "method": "dense" if r["method"] == "dense" else name})
+    return out
 
 
 def dataset_source(name: str, sst2: str) -> tuple[str, str | None]:
