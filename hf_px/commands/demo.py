@@ -79,7 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_demo(args)
+    from ..pipeline.runner import quiet_libraries
+
+    with quiet_libraries():  # the demo's own lines and bars, not transformers' load reports and shard bars
+        summary = run_demo(args)
     print("\n" + format_summary(summary))
     print(f"\n[hf-px demo] pruned model: {summary['output_dir']}; numbers: {summary['output_dir']}/{SUMMARY_FILE}; "
           f"total {summary['times_s']['total']:.0f} s")
