@@ -255,7 +255,10 @@ def test_sigint_stops_cleanly_and_the_next_run_resumes(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "hf_px", "run", str(path), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a child inherits an ignored SIGINT (Python then keeps ignoring it): whatever earlier tests left in this
+    # process, the run under test gets the default disposition, as from a shell
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpts = out / "05-finetune.work" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not any(ckpts.glob("step_*")):

@@ -143,6 +143,8 @@ def test_quiet_libraries_hides_load_reports_and_bars_then_restores_them(tmp_path
     BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path / "base")
     capfd.readouterr()
+    # earlier tests in this process may have switched the bars off (--no-progress): start from them on
+    transformers.logging.enable_progress_bar()
     before = (transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled(),
               datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled())
 
