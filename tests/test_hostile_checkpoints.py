@@ -317,6 +317,7 @@ def _fsdp_worker(rank: int, root: str) -> None:
     train(*resumed, data[3:])
     for k, v in resumed[0].state_dict().items():
         assert torch.equal(v.full_tensor(), want[k]), k
+    (Path(root) / f"done_rank{rank}").touch()  # every check passed; only the process-group teardown is left
     dist.destroy_process_group()
 
 
@@ -325,7 +326,13 @@ def test_fsdp2_shards_round_trip_through_a_checkpoint(tmp_path):
     import torch.multiprocessing as mp
 
     # sharded weights and AdamW moments, per-rank dropout streams: the resumed run matches bit for bit
-    mp.spawn(_fsdp_worker, args=(str(tmp_path),), nprocs=2)
+    try:
+        mp.spawn(_fsdp_worker, args=(str(tmp_path),), nprocs=2)
+    except mp.ProcessExitedException:
+        # torch 2.13's gloo teardown sometimes aborts a finished rank (docs/offline.md §5): accept it only once
+        # both ranks passed every check
+        if not all((tmp_path / f"done_rank{r}").exists() for r in range(2)):
+            raise
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "step_3").glob("rng_rank*")) == [
         "rng_rank0.json", "rng_rank0.safetensors", "rng_rank1.json", "rng_rank1.safetensors"]
 
