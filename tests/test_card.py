@@ -210,3 +210,15 @@ def test_a_speed_planned_model_shows_its_measured_latency():
     assert "## Speed" in text and "1 of 6 blocks removed" in text and "FFN width 384 (25.0% of the original)" in text
     assert "| 1 x 32 | 10.00 | 4.00 | 2.50x |" in text and "| 32 x 64 | 300.00 | 150.00 | 2.00x |" in text
     assert "## Speed" not in str(build_card({"method": "none (not pruned)", "layers": []}, base_model="builtin:minilm"))
+    assert "below the target" not in text and "no candidate reached" not in text
+
+
+def test_a_speed_card_says_where_the_target_was_missed():
+    speed = {"target_speedup": 2.0, "shapes": [
+        {"batch": 1, "tokens": 32, "dense_ms": 10.0, "ms": 4.0, "speedup": 2.5, "threads": 1},
+        {"batch": 32, "tokens": 64, "dense_ms": 300.0, "ms": 200.0, "speedup": 1.5, "threads": 1}]}
+    shrink = {"blocks_removed": 2, "num_blocks": 6, "ffn_width": 384, "ffn_fraction": 0.25, "target_met": False}
+    text = str(build_card({"method": "none (not pruned)", "layers": [], "speed": speed, "shrink": shrink},
+                          base_model="builtin:minilm"))
+    assert "no candidate reached it on that machine" in text
+    assert "measured below the target at 32 x 64" in text and "below the target at 1 x 32" not in text

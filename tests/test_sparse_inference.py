@@ -50,3 +50,17 @@ def test_timing_mode_reports_both_kernels():
     assert report and all(r["dense_ms"] > 0 and r["csr_ms"] > 0 for r in report.values())
     n_csr = sum(isinstance(m, CSRLinear) for m in model.modules())
     assert n_csr == sum(r["converted"] for r in report.values())
+
+
+def test_pruning_a_model_with_csr_layers_names_the_fix():
+    import pytest
+
+    import hf_px
+
+    model = pruned(0.9)
+    sparsify_for_cpu(model, min_sparsity=0.8, timing=False)
+    batches = [{"input_ids": torch.randint(0, 100, (2, 8)), "labels": torch.tensor([0, 1])}]
+    with pytest.raises(ValueError, match=r"CSRLinear.*hf_px.densify"):
+        hf_px.prune(model, batches, hf_px.PruneConfig(method="magnitude", sparsity=0.5, rounds=1))
+    densify(model)
+    assert hf_px.prune(model, batches, hf_px.PruneConfig(method="magnitude", sparsity=0.95, rounds=1)).model is model

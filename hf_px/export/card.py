@@ -425,5 +425,10 @@ def _speed_section(speed: dict | None, shrink: dict | None) -> dict | None:
         plan = (f"{shrink['blocks_removed']} of {shrink['num_blocks']} blocks removed (lowest PX scores), FFN width "
                 f"{shrink['ffn_width']} ({100 * shrink['ffn_fraction']:.1f}% of the original), planned for a "
                 f"{speed['target_speedup']:g}x speed-up")
+        if not shrink.get("target_met", True):
+            plan += " (no candidate reached it on that machine, so the fastest one was used)"
+        short = [f"{r['batch']} x {r['tokens']}" for r in speed["shapes"] if r["speedup"] < speed["target_speedup"]]
+        if short:
+            plan += f"; the final model measured below the target at {', '.join(short)}"
     threads = speed["shapes"][0].get("threads")
     return {"rows": rows, "plan": plan, "threads": threads}

@@ -101,6 +101,17 @@ def check_unsharded(model: nn.Module, method: str) -> None:
     )
 
 
+def check_trainable_layers(model: nn.Module) -> None:
+    """Refuse a model loaded with sparse inference kernels: its CSR layers have no weight to score or mask."""
+    csr = [name for name, m in model.named_modules() if type(m).__name__ == "CSRLinear"]
+    if csr:
+        raise ValueError(
+            f"{len(csr)} layers of this model are sparse inference kernels (CSRLinear, e.g. {csr[0]!r}), "
+            "which have no weight to score or mask. Load it without kernels (hf_px.load(path)) or call "
+            "hf_px.densify(model) first."
+        )
+
+
 def prune(
     model: nn.Module,
     batches: list,
@@ -131,6 +142,7 @@ def prune(
                                      options={"hutchinson_probes": config.options.hutchinson_probes})
     scorer = get_scorer(config.method, config.options)
     check_unsharded(model, config.method)
+    check_trainable_layers(model)
     if scorer.needs_data:
         _check_batches(batches)
 
