@@ -102,6 +102,22 @@ def test_bad_inputs_have_clear_errors():
         finetune("model", _tokenized())
 
 
+def test_a_deepspeed_launch_is_refused_with_a_pointer_to_fsdp2(monkeypatch):
+    from hf_px.errors import ConfigError
+
+    model, masks = _pruned()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --use_deepspeed` sets
+    with pytest.raises(ConfigError, match=r"DeepSpeed is not supported.*accelerate_fsdp2\.yaml"):
+        finetune(model, _tokenized(), config=FinetuneConfig(progress_bar=False), masks=masks)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # nothing trained
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    deepspeed = types.SimpleNamespace(distributed_type=types.SimpleNamespace(value="DEEPSPEED"),
+                                      gradient_accumulation_steps=1)
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported"):
+        finetune(model, _tokenized(), config=FinetuneConfig(progress_bar=False), masks=masks, accelerator=deepspeed)
+
+
 # ---------------------------------------------------------------------------------------------- masks
 
 

@@ -30,9 +30,27 @@ def has_device() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
+DEEPSPEED_REFUSED = (
+    "DeepSpeed is not supported: ZeRO partitions and flattens the parameters, so hf_px could not hold its masks on "
+    "the live weights and pruned weights would regrow. Shard with FSDP2 instead, which hf_px keeps the masks under: "
+    "accelerate launch --config_file scripts/configs/accelerate_fsdp2.yaml ... (fsdp_version: 2), or use DDP."
+)
+
+
+def refuse_deepspeed(accelerator=None) -> None:
+    """Stop a DeepSpeed launch (or a DeepSpeed ``Accelerator``) before any training, pointing to FSDP2."""
+    asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if accelerator is not None:
+        asked = asked or getattr(accelerator.distributed_type, "value", "") == "DEEPSPEED"
+    if asked:
+        raise ConfigError(DEEPSPEED_REFUSED)
+
+
 def make_accelerator(config: FinetuneConfig):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
+
+    refuse_deepspeed()  # before Accelerator(): without deepspeed installed it would fail with an unrelated error
 
     log_with = []
     if "tensorboard" in config.log_with and config.output_dir:

@@ -35,7 +35,7 @@ from ..config import FinetuneConfig
 from ..errors import ConfigError
 from ..modeling import Task, task_of
 from . import evaluation, fixed_masks, optim, outputs
-from .accelerator import make_accelerator
+from .accelerator import make_accelerator, refuse_deepspeed
 from .data import LengthGroupedSampler, make_collate, prepare_datasets, sequence_lengths
 
 
@@ -121,6 +121,7 @@ def finetune(
     if own_accelerator:
         accelerator = make_accelerator(config)
     else:
+        refuse_deepspeed(accelerator)
         accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
     set_seed(config.seed)
     kept_before = sum(int(m.sum()) for m in masks.values())

@@ -18,6 +18,7 @@ from ..registry import find_arch
 from .masks import apply_masks, density_schedule, init_masks, select_masks
 from .report import Report, layer_rows
 from .scoring import ScoringContext, get_scorer
+from .sharded import is_sharded, prune_sharded
 from .targets import collect_targets, is_transformers_model
 
 
@@ -85,22 +86,6 @@ def check_sparsity(sparsity: float, sizes: list[int]) -> None:
     )
 
 
-def check_unsharded(model: nn.Module, method: str) -> None:
-    """Refuse an FSDP2-sharded model (DTensor weights): every scorer reads whole weights (PX runs whole blocks).
-
-    The message names what works instead: prune before sharding, or threshold per-shard scores yourself.
-    """
-    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        return
-    raise ValueError(
-        f"{method} scores whole weights (PX runs whole blocks through its two passes), but this model's weights "
-        "are FSDP2 shards (DTensor). Prune before fully_shard: load the model whole on every process and call "
-        "hf_px.prune there, each process with its share of the calibration batches (the data terms are summed "
-        "over processes, so all get the same masks), then shard it; fine-tuning keeps the masks on the shards. "
-        "Scores you compute per shard can be thresholded with hf_px.pruning.masks.select_masks_sharded."
-    )
-
-
 def check_trainable_layers(model: nn.Module) -> None:
     """Refuse a model loaded with sparse inference kernels: its CSR layers have no weight to score or mask."""
     csr = [name for name, m in model.named_modules() if type(m).__name__ == "CSRLinear"]
@@ -124,6 +109,8 @@ def prune(
 
     Rounds follow d_r = d^(r/R); every round re-scores with the current masks and applies one global threshold
     (PX's off-path Q/K keep their block's density). Embeddings, norms, biases, pooler and heads stay dense.
+    With several processes each passes its share of the batches and all get the same masks; an FSDP2-sharded
+    ``transformers`` model is scored on a gathered copy and its shards masked (:mod:`hf_px.pruning.sharded`).
 
     Example:
         >>> import torch, hf_px
@@ -136,12 +123,13 @@ def prune(
         0.8
     """
     config = config or PruneConfig()
+    if is_sharded(model):  # FSDP2: score a gathered copy, mask the live shards
+        return prune_sharded(model, batches, config, tokenizer=tokenizer, progress=progress)
     if config.method == "px" and is_transformers_model(model) and find_arch(model) is None and config.generic:
         warnings.warn("PX needs a registered architecture; generic mode scores with 'ntk_diag' instead.", stacklevel=2)
         config = dataclasses.replace(config, method="ntk_diag",
                                      options={"hutchinson_probes": config.options.hutchinson_probes})
     scorer = get_scorer(config.method, config.options)
-    check_unsharded(model, config.method)
     check_trainable_layers(model)
     if scorer.needs_data:
         _check_batches(batches)
