@@ -186,7 +186,7 @@ def load_model(
                 f"could not load {name_or_path!r} ({str(err).splitlines()[0][:200]}); if it is a Hub id, the Hub may "
                 "be unreachable: set model.name_or_path to a local folder (one written by save_pretrained)."
             ) from err
-    if model.config.pad_token_id is None and task is Task.SEQUENCE_CLASSIFICATION:
+    if task is Task.SEQUENCE_CLASSIFICATION and getattr(model.config, "pad_token_id", None) is None:  # ResNet has none
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
     return model.eval()
 

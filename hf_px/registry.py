@@ -26,6 +26,7 @@ from transformers.models.bert import modeling_bert as _bert
 from transformers.models.distilbert import modeling_distilbert as _distilbert
 from transformers.models.gpt2 import modeling_gpt2 as _gpt2
 from transformers.models.llama import modeling_llama as _llama
+from transformers.models.resnet import modeling_resnet as _resnet
 from transformers.models.roberta import modeling_roberta as _roberta
 from transformers.models.vit import modeling_vit as _vit
 from transformers.pytorch_utils import Conv1D
@@ -278,6 +279,33 @@ register_architecture(ArchSpec(
     inputs="pixel_values",
 ))
 
+
+def _resnet_convs(base: nn.Module) -> nn.ModuleList:
+    """Every conv of a ResNet trunk in forward order: the stem, each stage's branch convs and its shortcuts."""
+    return nn.ModuleList([m for m in base.modules() if isinstance(m, (_resnet.ResNetConvLayer, _resnet.ResNetShortCut))])
+
+
+# A BatchNorm ConvNet (norm_kind "batchnorm"): PX scores it with the exact path network of
+# hf_px.pruning.scoring.path_network (docs/px.md §4.3), not with the transformer surrogate, so the
+# attention/activation/norm paths below are descriptive only. Each "block" is one conv layer (ResNetConvLayer or
+# the 1x1 projection ResNetShortCut); the classifier stays dense and enters PX with raw weights.
+register_architecture(ArchSpec(
+    name="resnet",
+    block_types=(_resnet.ResNetConvLayer, _resnet.ResNetShortCut),
+    blocks=_resnet_convs,
+    layers=(LayerRef("conv", "convolution"),),
+    attention="",  # no attention
+    activation="activation",
+    norms=("normalization",),
+    norm_kind="batchnorm",
+    heads=(HeadRef(_resnet.ResNetForImageClassification, "mean", (("classifier.1", None),)),),
+    ffn_width_attr="hidden_sizes",
+    layers_attr="depths",
+    residual_roles=(),
+    model_types=("resnet",),
+    task="image-classification",
+    inputs="pixel_values",
+))
 
 def supported_architectures() -> list[str]:
     return sorted(ARCHITECTURES)

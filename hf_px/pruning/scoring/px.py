@@ -1,8 +1,7 @@
 """PX (Path eXclusion) saliency: S_j = θ_j²·|∂R/∂(θ_j²)|, R = Σ_{n,k} A_k(x_n)·B_k(θ) (docs/px.md §2, §5).
 
-* Plain networks (Linear/Conv2d + nn.ReLU, no ``transformers`` base class) use the paper's path network:
-  A = unit weights on x² with the real ReLU patterns, B = θ² on an all-ones input, biases 1 in A and b² in B;
-  BatchNorm folded in or renormalising each pass (``PXOptions.bn``), named heads raw in both (docs/px.md §4).
+* Plain networks (Linear/Conv2d + nn.ReLU, no ``transformers`` base class) and registered BatchNorm ConvNets
+  (ResNet) use the paper's path network, :mod:`hf_px.pruning.scoring.path_network` (docs/px.md §4).
 * Registered transformers use the gated-linear surrogate of :mod:`hf_px.pruning.surrogate`; the A pass runs in float64
   with a fixed rescale at each block boundary; heads keep raw weights. Q/K (and a gated MLP's gate) are
   off-path: scored by the exact NTK diagonal (or magnitude) and ranked inside their block by ``hf_px.pruning.masks``.
@@ -21,7 +20,7 @@ from torch.func import functional_call
 
 from ...registry import get_arch, get_module, head_spec, is_linear_like, pool, weight_out_in
 from ..surrogate import SurrogateRun, run_head, surrogate_attention
-from ..targets import Target, is_transformers_model
+from ..targets import Target
 from .base import (
     Options,
     Scorer,
@@ -35,7 +34,10 @@ from .base import (
     model_inputs,
     register_scorer,
 )
-from .ntk_diag import accumulate_probe_grads, plain_input
+from .ntk_diag import accumulate_probe_grads
+from .path_network import MAX_POOL_MODES, path_network_scores, path_scores, uses_path_network
+
+__all__ = ["PXOptions", "PXScorer", "path_scores", "transformer_scores"]
 
 
 @dataclass
@@ -59,6 +61,8 @@ class PXOptions(Options):
         bn: plain networks: the BatchNorm statistics of the auxiliary passes: running (eval statistics folded in:
             (1/σ)² in A, γ² in B) or batch (each pass renormalises its own activations with their batch
             statistics and raw γ, β, as the reference code's train-mode copies do).
+        max_pool: path networks: gated (the A pass takes the input the real pass selected, the B pass sums the
+            window: R stays a path sum) or own (each pass takes its own maximum, as the reference code does).
     """
 
     qk_score: str = "ntk_diag"
@@ -68,150 +72,19 @@ class PXOptions(Options):
     rescale: float | None = None
     head_modules: tuple[str, ...] = ()
     bn: str = "running"
+    max_pool: str = "gated"
 
     def __post_init__(self) -> None:
         check_choice("qk_score", self.qk_score, ("ntk_diag", "magnitude"))
         check_choice("a_gate", self.a_gate, ("secant", "bound"))
         check_choice("bn", self.bn, ("running", "batch"))
+        check_choice("max_pool", self.max_pool, MAX_POOL_MODES)
         check_int("hutchinson_probes", self.hutchinson_probes, 1, 1000)
         check_int("b_length", self.b_length, 1, none="the mean real length")
         check_positive("rescale", self.rescale, none="hidden_size * max(hidden_size, FFN width)")
         if isinstance(self.head_modules, str) or not all(isinstance(n, str) for n in self.head_modules):
             raise ValueError(f"head_modules must be a list of module names, got {self.head_modules!r}.")
         self.head_modules = tuple(self.head_modules)
-
-
-def _aux_params(root: nn.Module, targets: list[Target], masks: dict, plain: bool,
-                keep_dtype: set[int] = frozenset(), cache: dict | None = None) -> tuple[dict, dict, dict]:
-    """Parameter dicts for the A and B passes, and the B-pass leaves {param id: leaf tensor (θ²)}.
-
-    Parameters in ``keep_dtype`` (modules whose output the surrogate replaces) are passed as they are;
-    ``cache`` keeps the float64 copies of parameters that do not change between rounds.
-    """
-    target_ids = {id(t.param): t.param_name for t in targets}
-    layer_params = {}
-    for module in root.modules():
-        if is_linear_like(module) or (plain and isinstance(module, nn.Conv2d)):
-            layer_params[id(module.weight)] = "weight"
-            if module.bias is not None:
-                layer_params[id(module.bias)] = "bias"
-    cache = {} if cache is None else cache
-    params_a, params_b, leaves = {}, {}, {}
-    for name, p in root.named_parameters():
-        kind = layer_params.get(id(p))
-        if id(p) in keep_dtype and kind is None:
-            params_a[name] = params_b[name] = p.detach()
-            continue
-        if kind != "weight" or id(p) in target_ids:
-            theta = p.detach().double()
-        elif name not in cache:  # a dense, never-pruned weight: its θ² is the same every round
-            theta = cache[name] = p.detach().double()
-        else:
-            theta = cache[name]
-        if kind == "weight":
-            mname = target_ids.get(id(p))
-            params_a[name] = masks[mname].double() if mname else torch.ones_like(theta)
-            sq = theta * theta
-            if mname:
-                sq.requires_grad_(True)
-                leaves[id(p)] = sq
-            params_b[name] = sq
-        elif kind == "bias":
-            params_a[name] = torch.ones_like(theta) if plain else torch.zeros_like(theta)
-            params_b[name] = theta * theta if plain else torch.zeros_like(theta)
-        else:
-            params_a[name] = params_b[name] = theta
-    return params_a, params_b, leaves
-
-
-def _px_from_grads(targets: list[Target], leaves: dict, grads: dict) -> dict[str, torch.Tensor]:
-    scores = {}
-    for t in targets:
-        g = grads[id(t.param)]
-        scores[t.key] = t.view(g.abs() * leaves[id(t.param)].detach())
-    return scores
-
-
-def path_scores(model: nn.Module, targets: list[Target], masks: dict, batches: list,
-                head_modules: tuple[nn.Module, ...] = (), bn: str = "running",
-                ) -> tuple[dict[str, torch.Tensor], float]:
-    """PX on a plain ReLU network; returns (scores by target key, R).
-
-    ``head_modules`` keep raw signed weights in both passes; a prunable weight among them is a raw B-pass leaf
-    scored |∂R/∂θ|·θ². ``bn`` is "running" (eval statistics folded in) or "batch" (each auxiliary pass uses its
-    own batch statistics). The passes run in float64 whatever the model's dtype.
-    """
-    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    kind = "batchnorm-batch" if bn == "batch" else "batchnorm"
-    norms = [(m, kind) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    run = SurrogateRun(blocks=[], activations=[], norms=norms, relus=relus)
-    params_a, params_b, leaves = _aux_params(model, targets, masks, plain=True)
-    # BatchNorm's own forward still runs inside the float64 passes (its output is then replaced by the hook), so
-    # its running statistics must be float64 too, or a float32 model fails on mixed dtypes
-    for name, buf in model.named_buffers():
-        if buf.is_floating_point():
-            params_a[name] = params_b[name] = buf.detach().double()
-    raw = _raw_heads(model, head_modules, params_a, params_b, leaves)
-    was_training = model.training
-    model.eval()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    a_bar, example = None, None
-    try:
-        with run.installed():
-            for batch in batches:
-                x = plain_input(batch)
-                example = x
-                run.clear()
-                with run.use("record"), torch.no_grad():  # the real network, in its own dtype
-                    model(x.to(dtype) if dtype is not None and x.is_floating_point() else x)
-                with run.use("A"), torch.no_grad():
-                    out = functional_call(model, params_a, (x.double() ** 2,))
-                a_bar = out.sum(0) if a_bar is None else a_bar + out.sum(0)
-            if a_bar is None:
-                raise ValueError("empty calibration set: PX needs at least one batch.")
-            a_bar = all_reduce_sum(a_bar)
-            with run.use("B"), torch.enable_grad():
-                ones = torch.ones((1, *example.shape[1:]), dtype=torch.float64)
-                out_b = functional_call(model, params_b, (ones,))
-                r = (a_bar * out_b[0]).sum()
-                ids = list(leaves)
-                grads = dict(zip(ids, torch.autograd.grad(r, [leaves[i] for i in ids], allow_unused=True),
-                                 strict=True))
-                grads = {i: torch.zeros_like(leaves[i]) if g is None else g for i, g in grads.items()}
-    finally:
-        model.train(was_training)
-    scored = [t for t in targets if id(t.param) in leaves]
-    scores = _px_from_grads([t for t in scored if id(t.param) not in raw], leaves, grads)
-    for t in scored:
-        if id(t.param) in raw:  # the leaf is θ itself: |∂R/∂θ|·θ²
-            theta = leaves[id(t.param)].detach()
-            scores[t.key] = t.view(grads[id(t.param)].abs() * theta * theta)
-    return scores, float(r.detach())
-
-
-def _raw_heads(model: nn.Module, head_modules: tuple[nn.Module, ...], params_a: dict, params_b: dict,
-               leaves: dict) -> set[int]:
-    """Give the head modules' parameters their raw signed values in both passes; returns the raw leaves' ids.
-
-    The reference code's classifier convention: the head enters A and B once each with its real weights, so
-    Ā_k differs between outputs and the ranking depends on the data (with unit head weights in A every Ā_k is
-    equal, docs/px.md §4). A prunable head weight stays a B-pass leaf, now θ rather than θ², so it is still
-    ranked with the rest instead of silently dropping out of the scores.
-    """
-    head_ids = {id(p) for head in head_modules for p in head.parameters()}
-    raw = set()
-    for name, p in model.named_parameters():
-        if id(p) not in head_ids:
-            continue
-        theta = p.detach().double()
-        params_a[name] = theta
-        if id(p) in leaves:
-            leaf = theta.clone().requires_grad_(True)
-            params_b[name] = leaves[id(p)] = leaf
-            raw.add(id(p))
-        else:
-            params_b[name] = theta
-    return raw
 
 
 def default_rescale(model: nn.Module) -> float:
@@ -490,9 +363,9 @@ class PXScorer(Scorer):
 
     def score(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         opt = self.options
-        if not is_transformers_model(ctx.model):
-            heads = tuple(get_module(ctx.model, n) for n in opt.head_modules)
-            scores, r = path_scores(ctx.model, ctx.targets, ctx.masks, ctx.batches, heads, bn=opt.bn)
+        if uses_path_network(ctx.model):
+            scores, r = path_network_scores(ctx.model, ctx.targets, ctx.masks, ctx.batches,
+                                            head_modules=opt.head_modules, bn=opt.bn, max_pool=opt.max_pool)
         else:
             scores, r = transformer_scores(
                 ctx.model, ctx.targets, ctx.masks, ctx.batches, qk_score=opt.qk_score, a_gate=opt.a_gate,

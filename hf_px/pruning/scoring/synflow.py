@@ -9,7 +9,8 @@ outputs, in float64 so the product of |θ| along deep paths does not overflow. I
 * Hugging Face text models: ``inputs_embeds`` of ones, (1, L, hidden) with L = ``SynflowOptions.length``
   (default: the calibration length, else 16): the word-embedding lookup is skipped, |position embeddings| and
   every block still apply, so R is the |θ|-path flow through the trunk and head;
-* vision models (registry entry with ``inputs="pixel_values"``, or pixel batches): ``pixel_values`` of ones.
+* vision models (registry entry with ``inputs="pixel_values"``, or pixel batches): ``pixel_values`` of ones, shaped
+  like one calibration image (else ``config.image_size``, default 224).
 
 On transformers the flow is the real network's (LayerNorm, softmax and GELU included), as the official code
 does on any model; it is a path product only where the network is piecewise linear.
@@ -62,7 +63,10 @@ def _ones_input(ctx: ScoringContext, options: SynflowOptions) -> tuple[dict, boo
             shape = tuple(plain_input(ctx.batches[0]).shape[1:])
         return {"x": torch.ones(1, *shape, dtype=torch.float64)}, True
     cfg, spec = model.config, find_arch(model)
-    if (spec is not None and spec.inputs == "pixel_values") or "pixel_values" in (ctx.batches[0] if ctx.batches else {}):
+    first = ctx.batches[0] if ctx.batches else {}
+    if isinstance(first, dict) and "pixel_values" in first:  # the images the model is used on (ResNet has no image_size)
+        return {"pixel_values": torch.ones(1, *first["pixel_values"].shape[1:], dtype=torch.float64)}, False
+    if spec is not None and spec.inputs == "pixel_values":
         size = getattr(cfg, "image_size", 224)
         return {"pixel_values": torch.ones(1, getattr(cfg, "num_channels", 3), size, size, dtype=torch.float64)}, False
     length = options.length
