@@ -107,6 +107,20 @@ def test_string_labels_get_the_training_split_map_in_every_split():
     assert infer_num_labels(train, "label", names=["pos", "neg"]).names == ("pos", "neg")
 
 
+def test_a_head_trained_on_other_named_classes_is_replaced_not_kept():
+    train = datasets.Dataset.from_dict({"image": ["a", "b", "c"], "label": ["cat", "dog", "cat"]})
+    imagenet = ["tench", "goldfish", "great white shark", "tiger shark"]
+    labels = infer_num_labels(train, "label", head_labels=4, names=imagenet)
+    assert (labels.num_labels, labels.names) == (2, ("cat", "dog"))
+    # a larger task than the other task's head is not an error either: the head is new anyway
+    many = datasets.Dataset.from_dict({"label": [f"c{i}" for i in range(6)]})
+    assert infer_num_labels(many, "label", head_labels=4, names=imagenet).num_labels == 6
+    # the same classes (in the checkpoint's order), or unnamed ids that fit: the trained head is kept
+    assert infer_num_labels(train, "label", head_labels=3, names=["dog", "cat", "bird"]).num_labels == 3
+    ids = datasets.Dataset.from_dict({"label": [0, 1, 1]})
+    assert infer_num_labels(ids, "label", head_labels=4, names=imagenet).num_labels == 4
+
+
 def test_finetune_string_labels_end_to_end(checkpoint, tmp_path):
     """The eval split holds only 'pos': the reported accuracy and the saved id2label must use the train map."""
     data = write_splits(tmp_path / "data", [(t, "pos") for t in POS] + [(t, "neg") for t in NEG],

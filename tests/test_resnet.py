@@ -247,7 +247,10 @@ def test_hf_px_run_on_a_saved_resnet(tmp_path):
                 pixels = np.clip(rng.normal(mean, 40, (16, 16, 3)), 0, 255).astype("uint8")
                 Image.fromarray(pixels).save(tmp_path / "images" / split / c / f"{i}.png")
     base = tmp_path / "base"
-    tiny_resnet(channels=3, dtype=torch.float32, labels=2).save_pretrained(base)
+    pretrained = tiny_resnet(channels=3, dtype=torch.float32, labels=4)  # a head for other classes (ImageNet's)
+    pretrained.config.id2label = dict(enumerate(["tench", "goldfish", "great white shark", "tiger shark"]))
+    pretrained.config.label2id = {v: k for k, v in pretrained.config.id2label.items()}
+    pretrained.save_pretrained(base)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(base)
     cfg = {"model": {"name_or_path": str(base), "task": "image-classification"},
            "data": {"dataset": str(tmp_path / "images"), "per_class": 4, "calibration_batch_size": 8},
@@ -267,7 +270,8 @@ def test_hf_px_run_on_a_saved_resnet(tmp_path):
         assert abs(kept - round(0.25 * total)) <= 1  # the pruned zeros survived fine-tuning, saving and reloading
     with torch.no_grad():
         out = reloaded(pixel_values=torch.randn(2, 3, 16, 16)).logits
-    assert out.shape == (2, 2)
+    assert out.shape == (2, 2)  # the transfer case: a new head for cat/dog, not the 4-way one
+    assert reloaded.config.id2label == {0: "cat", 1: "dog"}
 
 
 def test_bench_vision_quick_synthetic(tmp_path):

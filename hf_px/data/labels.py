@@ -117,7 +117,9 @@ def infer_num_labels(train: datasets.Dataset, column: str, evals: datasets.Datas
         num_labels: the head size the user asked for; integer ids may then skip classes.
         head_labels: the size of a trained head the checkpoint already has: kept when the data's ids fit it.
         names: the checkpoint's class names (``checkpoint_label_names``); their order wins when they cover the
-            classes of ``train``, so a trained head keeps the meaning of its outputs.
+            classes of ``train``, so a trained head keeps the meaning of its outputs. Named data whose classes
+            these names do not cover get a new head of their own size (a pretrained ImageNet head is not kept
+            for cats and dogs).
         min_classes: refuse a training split with fewer distinct classes (2 when a classifier is trained).
         setting: where ``num_labels`` comes from, for the fix in messages: ``model.num_labels`` or
             ``num_labels`` (the Python API: the model's head size).
@@ -137,10 +139,13 @@ def infer_num_labels(train: datasets.Dataset, column: str, evals: datasets.Datas
                         f"({next(iter(distinct))!r}); a "
                         f"classifier cannot learn from it: fix the data or choose another data.label_column")
     known: list[str] | None = None
+    other_classes = False  # the checkpoint's head names other classes (e.g. ImageNet's): a new head of the data's size
     if kind == "named":
         known = list(feature.names) if isinstance(feature, datasets.ClassLabel) else sorted(distinct)
         if names and set(known) <= set(names) and (num_labels is None or len(names) <= num_labels):
             known = list(names)
+        elif names:
+            other_classes = True
         needed = len(known)
     else:
         if min(distinct, default=0) < 0:
@@ -157,6 +162,8 @@ def infer_num_labels(train: datasets.Dataset, column: str, evals: datasets.Datas
     if num_labels is not None and needed > num_labels:
         raise DataError(f"{what} is {num_labels} but the labels of the {train_split} split need {needed} "
                         f"classes; {fix}{back}")
+    if other_classes:
+        head_labels = None  # its outputs mean nothing for these classes
     if num_labels is None and head_labels is not None and needed > head_labels:
         raise DataError(f"the checkpoint's classification head has {head_labels} labels but the data have "
                         f"{needed}; {fix} to replace the head with a new one")
