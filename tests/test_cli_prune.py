@@ -135,7 +135,7 @@ def test_unknown_architecture_lists_supported_families():
     model = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2,
                                                 num_heads=2))
     batch = [{"input_ids": torch.randint(0, 50, (2, 5)), "decoder_input_ids": torch.randint(0, 50, (2, 5))}]
-    with pytest.raises(UnsupportedArchitectureError, match="bert, distilbert, gpt2, llama, vit"):
+    with pytest.raises(UnsupportedArchitectureError, match="bert, distilbert, gpt2, llama, resnet, vit"):
         hf_px.prune(model, batch, hf_px.PruneConfig(sparsity=0.5, rounds=1))
     with pytest.warns(UserWarning, match="generic mode"):
         result = hf_px.prune(model, batch, hf_px.PruneConfig(sparsity=0.5, rounds=1, generic=True), progress=False)

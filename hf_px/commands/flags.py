@@ -186,7 +186,7 @@ def _number(text: str) -> int | float:
 
 def _value_kwargs(key: str) -> dict[str, Any]:
     """argparse's ``type``/``nargs`` from the field's annotation."""
-    from ..pipeline.config import _field_hints
+    from ..pipeline.config_schema import _field_hints
 
     cls, f = key_field(key)
     hint = _field_hints(cls)[f.name]
