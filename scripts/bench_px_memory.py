@@ -14,6 +14,9 @@ Measurements (MiniLM, builtin:rotten_tomatoes, ``calibration_batches(per_class=1
 * ``prune-qk-magnitude``: the same with ``qk_score="magnitude"`` (no record-pass autograd graph, no Q/K probes);
 * ``prune-mmap``: the headline with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so
   every large tensor is returned to the system when freed: the difference to ``prune`` is heap retention;
+* ``activations``: the yardstick of the memory target (extra peak <= 3x the parameter bytes plus activations): one
+  float32 forward + backward of the largest calibration batch with the model's own loss; its peak minus the
+  gradients' bytes (1x the parameters) is the activation memory;
 * ``stages``: the headline again with light wrappers around the PX stages, which record the RSS rise inside each
   stage and the bytes of the tensors it hands on (the shares table).
 
@@ -39,10 +42,11 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 MIB = 2 ** 20
-CHILDREN = ("prune", "prune-qk-magnitude", "prune-mmap", "stages")
+CHILDREN = ("prune", "prune-qk-magnitude", "prune-mmap", "stages", "activations")
 
 
 # ----------------------------------------------------------------------------------------- /proc helpers
@@ -217,7 +221,13 @@ def child(args) -> dict:
     base = rss()
     resettable = reset_peak()
     start = time.perf_counter()
-    result = hf_px.prune(model, batches, config, progress=False)
+    if args.child == "activations":  # the yardstick: one float32 forward + backward of the largest batch
+        batch = max(batches, key=lambda b: b["input_ids"].numel())
+        model.train()
+        model(**batch).loss.backward()
+        result = types.SimpleNamespace(report={"achieved_sparsity": 0.0})
+    else:
+        result = hf_px.prune(model, batches, config, progress=False)
     elapsed = time.perf_counter() - start
     peak = hwm() if resettable else ru_maxrss()
     if stages is not None:
@@ -363,6 +373,11 @@ def main() -> None:
         print()
         print(format_table(["stage", "calls", "peak rise inside (MiB)", "peak above start (MiB)",
                             "kept after (MiB)", "tensors handed on (MiB)"], srows))
+    if "activations" in runs and "prune" in runs:
+        act = runs["activations"]["peak_increase_mb"] - param_mb
+        extra = runs["prune"]["peak_increase_mb"]
+        print(f"\nactivations (forward + backward peak - gradient bytes): {act:.0f} MiB; PX extra peak - "
+              f"activations = {extra - act:.0f} MiB = {(extra - act) / param_mb:.2f}x the parameter bytes")
     shares = shares_of(runs)
     if shares:
         print()
