@@ -15,6 +15,25 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """Put back what a test may change for the whole process: the CLI turns library progress bars off for good
+    (right for a command, wrong for the next test), and SIGINT's disposition is inherited by child processes."""
+    import signal
+
+    import datasets
+    import transformers
+
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    datasets_bars = not datasets.utils.are_progress_bars_disabled()
+    sigint = signal.getsignal(signal.SIGINT)
+    yield
+    (transformers.utils.logging.enable_progress_bar if bars else transformers.utils.logging.disable_progress_bar)()
+    (datasets.enable_progress_bars if datasets_bars else datasets.disable_progress_bars)()
+    if signal.getsignal(signal.SIGINT) is not sigint and sigint is not None:
+        signal.signal(signal.SIGINT, sigint)
+
+
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
     """A running :class:`hub_server.FakeHub`, with huggingface_hub pointed at it and its token in HF_TOKEN.
