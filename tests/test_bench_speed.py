@@ -12,14 +12,10 @@ import shutil
 import warnings
 from pathlib import Path
 
-import datasets
 import pytest
-from tiny_models import tiny
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny_models import tiny, toy_sentiment_split, toy_word_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "was"]
 SHAPES = [(1, 8), (2, 16)]
 ALL = ["dense", "px90", "px90-csr", "pcn50", "pcn25", "pcn50-px80", "blocks", "blocks-top", "pcn25-top1", "fast"]
 
@@ -34,20 +30,10 @@ def bench():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+    return toy_word_tokenizer()
 
 
-def _split(n: int, seed: int) -> datasets.Dataset:
-    # the label is written in the sentence (a positive or a negative word), so the task is learnable
-    texts, labels = [], []
-    for i in range(n):
-        label = (i * 7 + seed) % 2
-        texts.append(f"the movie was {WORDS[(i % 3) + (0 if label else 3)]} {WORDS[6 + i % 4]}")
-        labels.append(label)
-    return datasets.Dataset.from_dict({"text": texts, "label": labels})
+_split = toy_sentiment_split
 
 
 def _pretrained(seed: int):

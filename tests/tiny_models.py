@@ -87,3 +87,29 @@ def save_tiny_checkpoint(folder):
                                   ).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+TOY_WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "was"]
+
+
+def toy_word_tokenizer():
+    """A word-level tokenizer over :data:`TOY_WORDS` (ids 2..11; 0 pad, 1 unknown), for the toy sentiment splits."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(TOY_WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def toy_sentiment_split(n: int, seed: int):
+    """``n`` labelled sentences whose label is written in them (a positive or a negative word): learnable."""
+    import datasets
+
+    texts, labels = [], []
+    for i in range(n):
+        label = (i * 7 + seed) % 2
+        texts.append(f"the movie was {TOY_WORDS[(i % 3) + (0 if label else 3)]} {TOY_WORDS[6 + i % 4]}")
+        labels.append(label)
+    return datasets.Dataset.from_dict({"text": texts, "label": labels})
