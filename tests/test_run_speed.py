@@ -81,7 +81,10 @@ def test_plan_picks_a_candidate_that_met_the_target_with_the_most_parameters(mon
     assert all(c["speedups"]["1x8"] >= 2.0 for c in met)
     chosen = next(c for c in met if (c["blocks_removed"], c["ffn_fraction"]) == (plan.blocks_removed,
                                                                                   plan.ffn_fraction))
-    assert chosen["block_params"] == max(c["block_params"] for c in met)
+    fewest = min(c["blocks_removed"] for c in met)  # width before depth, then the most parameters
+    assert chosen["blocks_removed"] == fewest
+    assert chosen["block_params"] == max(c["block_params"] for c in met if c["blocks_removed"] == fewest)
+    assert any(c["block_params"] > chosen["block_params"] for c in met)  # the rule, not plain size, decided
     assert any(not c["met"] for c in plan.candidates)  # the choice was not trivial
     # nothing reaches an impossible target: the fastest candidate is used, with a warning
     with pytest.warns(UserWarning, match="no candidate reached"):
