@@ -137,11 +137,37 @@ def test_hidden_loss_ignores_padding_and_names_a_depth_mismatch():
 
     student, _ = _pruned()
     deeper = _bert(1, num_hidden_layers=3)
-    with pytest.raises(ValueError, match="same depth and hidden size"):
+    with pytest.raises(ValueError, match="give hidden_layers"):
         finetune(student, _data(), config=_cfg(deeper, distill={"hidden_weight": 1.0}))
     wider = _bert(1, hidden_size=64)
     with pytest.raises(ValueError, match="width 32 and the teacher 2 blocks of width 64"):
         finetune(student, _data(), config=_cfg(wider, distill={"hidden_weight": 1.0}))
+
+
+def test_hidden_layers_pair_each_student_block_with_the_named_teacher_block():
+    g = torch.Generator().manual_seed(0)
+    student = [torch.randn(2, 3, 4, generator=g) for _ in range(3)]  # embeddings + 2 blocks
+    teacher = [torch.randn(2, 3, 4, generator=g) for _ in range(5)]  # embeddings + 4 blocks
+    got = hidden_state_loss(student, teacher, None, "mse", layers=[1, 3])
+    want = ((student[1] - teacher[2]).pow(2).mean() + (student[2] - teacher[4]).pow(2).mean()) / 2
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="one teacher block"):
+        hidden_state_loss(student, teacher, None, "mse", layers=[1, 4])  # no teacher block 4
+    with pytest.raises(ValueError, match="one teacher block"):
+        hidden_state_loss(student, teacher, None, "mse", layers=[0, 1, 2])  # three pairs for two blocks
+    for bad in ([2, 1], [0, 0], [-1, 2], [], "0,2", [0.0, 1]):
+        with pytest.raises(ValueError, match="hidden_layers"):
+            DistillConfig(teacher="t", hidden_weight=1.0, hidden_layers=bad)
+
+    # a student two blocks shallower than its teacher trains with the pairing, and is refused without it
+    student_model, _ = _pruned()
+    deeper = _bert(1, num_hidden_layers=4)
+    with pytest.raises(ValueError, match="give hidden_layers"):
+        finetune(student_model, _data(), config=_cfg(deeper, distill={"hidden_weight": 1.0}))
+    out = finetune(student_model, _data(), config=_cfg(deeper, distill={"hidden_weight": 1.0,
+                                                                         "hidden_layers": [0, 3]}))
+    hidden = [h["loss_hidden"] for h in out.history if "loss_hidden" in h]
+    assert out.global_step > 0 and hidden and all(math.isfinite(v) and v > 0 for v in hidden)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -314,7 +340,7 @@ def test_config_round_trips_through_to_dict_and_rejects_a_shared_teacher():
     cfg = _cfg(teacher, distill={"alpha": 0.25})
     d = cfg.to_dict()
     assert d["distill"] == {"teacher": "BertForSequenceClassification", "temperature": 2.0, "alpha": 0.25,
-                            "hidden_weight": 0.0, "hidden_loss": "mse", "cache_logits": False}
+                            "hidden_weight": 0.0, "hidden_loss": "mse", "hidden_layers": None, "cache_logits": False}
     assert cfg.distill.teacher is teacher  # to_dict did not deep-copy the module away
     restored = build_distiller({**d["distill"], "teacher": teacher}, tiny("bert"))
     assert restored.config.alpha == 0.25

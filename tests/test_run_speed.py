@@ -128,12 +128,31 @@ def test_a_candidate_that_fails_the_longer_timing_is_dropped_for_the_next(monkey
         SpeedConfig(confirm_runs=0)
 
 
+def test_hidden_distillation_pairs_each_kept_block_with_the_teacher_block_it_was(tmp_path, monkeypatch):
+    from hf_px.finetuning import distill as distill_mod
+
+    pairs = []
+    real = distill_mod.hidden_state_loss
+
+    def spy(student_hidden, teacher_hidden, mask=None, kind="mse", layers=None):
+        pairs.append((len(student_hidden) - 1, len(teacher_hidden) - 1, layers))
+        return real(student_hidden, teacher_hidden, mask, kind, layers)
+
+    monkeypatch.setattr(distill_mod, "hidden_state_loss", spy)
+    out = tmp_path / "run"
+    speed = {"target_speedup": 1.2, "blocks_removed": 2, "ffn_fraction": 0.5, "shapes": [[1, 8]], "runs": 1,
+             "confirm_runs": 1}
+    cfg = _cfg(out, speed, teacher={}, distill={"hidden_weight": 1.0})
+    hf_px.run(cfg, progress=False)
+    kept = json.loads((out / "03-shrink" / "speed.json").read_text())["removed"]["kept"]
+    assert len(kept) == 2 and pairs and all(p == (2, 4, kept) for p in pairs)
+
+
 @pytest.mark.parametrize("speed, extra, match", [
     ({"target_speedup": 1.0}, {}, "target_speedup"),
     ({"shapes": [[0, 8]]}, {}, "shapes"),
     ({"ffn_fraction": 1.5}, {}, "ffn_fraction"),
     ({}, {"pcn": {"width": 32}}, "remove the pcn section"),
-    ({}, {"teacher": {}, "distill": {"hidden_weight": 1.0}}, "hidden_weight"),
 ])
 def test_speed_config_errors(tmp_path, speed, extra, match):
     cfg = _cfg(tmp_path / "x", speed)

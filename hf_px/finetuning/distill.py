@@ -71,6 +71,10 @@ class DistillConfig:
             0 (default) turns it off. Needs the same number of blocks and hidden size in both models; a PCN
             student qualifies, since PCN narrows FFN widths only.
         hidden_loss: the per-token distance for hidden matching, ``"mse"`` or ``"cosine"`` (1 - cosine).
+        hidden_layers: the teacher block each student block is matched with, one index per student block, for a
+            student with blocks removed (``hidden_layers=[0, 2, 3, 5]`` after removing blocks 1 and 4: each
+            remaining block learns the output of the block it was). None: block i with block i. ``hf-px run``
+            sets it from its shrink stage.
         cache_logits: keep the teacher's logits of every training example on CPU, keyed by example index, and
             reuse them when the example recurs (from the second epoch on). Costs examples x classes floats for
             classification and examples x tokens x vocabulary for causal LMs; only logits are cached, so it
@@ -94,6 +98,7 @@ class DistillConfig:
     alpha: float = 0.5
     hidden_weight: float = 0.0
     hidden_loss: str = "mse"
+    hidden_layers: list[int] | None = None
     cache_logits: bool = False
 
     def __post_init__(self) -> None:
@@ -110,6 +115,13 @@ class DistillConfig:
             raise ValueError(f"hidden_weight must be a number >= 0 (0: off), got {self.hidden_weight!r}.")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}, got {self.hidden_loss!r}.")
+        if self.hidden_layers is not None:
+            layers = list(self.hidden_layers) if isinstance(self.hidden_layers, (list, tuple)) else None
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers) \
+                    or layers != sorted(set(layers)):
+                raise ValueError("hidden_layers must list increasing teacher block indices >= 0, one per student "
+                                 f"block (e.g. [0, 2, 3, 5]), got {self.hidden_layers!r}.")
+            self.hidden_layers = layers
         if not isinstance(self.cache_logits, bool):
             raise ValueError(f"cache_logits must be True or False, got {self.cache_logits!r}.")
         if self.cache_logits and self.hidden_weight > 0:
@@ -120,7 +132,7 @@ class DistillConfig:
         teacher = self.teacher if isinstance(self.teacher, str) else type(self.teacher).__name__
         return {"teacher": teacher, "temperature": self.temperature, "alpha": self.alpha,
                 "hidden_weight": self.hidden_weight, "hidden_loss": self.hidden_loss,
-                "cache_logits": self.cache_logits}
+                "hidden_layers": self.hidden_layers, "cache_logits": self.cache_logits}
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -148,17 +160,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
-                      mask: torch.Tensor | None = None, kind: str = "mse") -> torch.Tensor:
+                      mask: torch.Tensor | None = None, kind: str = "mse",
+                      layers: Sequence[int] | None = None) -> torch.Tensor:
     """Mean over blocks of the per-token distance between paired block outputs (``output_hidden_states[1:]``).
 
     ``kind`` is ``"mse"`` (mean squared error over the hidden dimension) or ``"cosine"`` (1 - cosine similarity);
-    tokens where ``mask`` is 0 (padding) do not count. Raises a ValueError when depth or width differ.
+    tokens where ``mask`` is 0 (padding) do not count. Student block i is paired with teacher block
+    ``layers[i]`` (default: block i). Raises a ValueError when the pairing or the widths do not fit.
     """
     if kind not in HIDDEN_LOSSES:
         raise ValueError(f"kind must be one of {', '.join(HIDDEN_LOSSES)}, got {kind!r}.")
     # index 0 is the embedding output: matching starts at the first block
     s_blocks, t_blocks = list(student_hidden)[1:], list(teacher_hidden)[1:]
     s_width, t_width = student_hidden[-1].shape[-1], teacher_hidden[-1].shape[-1]
+    if layers is not None:
+        check_hidden_layers(layers, len(s_blocks), len(t_blocks))
+        t_blocks = [t_blocks[i] for i in layers]
     if len(s_blocks) != len(t_blocks) or s_width != t_width:
         raise ValueError(_mismatch(len(s_blocks), s_width, len(t_blocks), t_width))
     terms = []
@@ -172,10 +189,18 @@ def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Se
     return torch.stack(terms).mean()
 
 
+def check_hidden_layers(layers: Sequence[int], student_depth: int, teacher_depth: int) -> None:
+    """``layers`` pairs each of ``student_depth`` blocks with one of ``teacher_depth``, or a ValueError says why not."""
+    if len(layers) != student_depth or max(layers) >= teacher_depth:
+        raise ValueError(f"hidden_layers {list(layers)} must give one teacher block (0..{teacher_depth - 1}) for each "
+                         f"of the student's {student_depth} blocks.")
+
+
 def _mismatch(s_depth: Any, s_width: Any, t_depth: Any, t_width: Any) -> str:
     return (f"hidden-state matching pairs student block i with teacher block i, but the student has {s_depth} "
             f"blocks of width {s_width} and the teacher {t_depth} blocks of width {t_width}. Use a teacher of the "
-            "same depth and hidden size (PCN narrows FFN widths only), or set hidden_weight=0.")
+            "same hidden size (PCN narrows FFN widths only), give hidden_layers (the teacher block of each student "
+            "block) when blocks were removed, or set hidden_weight=0.")
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -235,7 +260,8 @@ class Distiller:
             loss = (1.0 - cfg.alpha) * out.loss + loss
         if hidden:
             token_mask = inputs.get("attention_mask")
-            terms["hidden"] = hidden_state_loss(out.hidden_states, t_hidden, token_mask, cfg.hidden_loss)
+            terms["hidden"] = hidden_state_loss(out.hidden_states, t_hidden, token_mask, cfg.hidden_loss,
+                                                cfg.hidden_layers)
             loss = loss + cfg.hidden_weight * terms["hidden"]
         for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
@@ -354,6 +380,10 @@ def build_distiller(config: DistillConfig | Mapping[str, Any] | None, student: n
     teacher = load_teacher(config.teacher, student, device)
     if config.hidden_weight > 0:
         s, t = _depth_width(student), _depth_width(teacher)
-        if None not in s + t and s != t:
+        if config.hidden_layers is not None and None not in s + t:
+            check_hidden_layers(config.hidden_layers, s[0], t[0])
+            if s[1] != t[1]:
+                raise ValueError(_mismatch(*s, *t))
+        elif None not in s + t and s != t:
             raise ValueError(_mismatch(*s, *t))
     return Distiller(config, teacher, device, accelerator.autocast if accelerator is not None else None)

@@ -85,11 +85,6 @@ class RunConfig:
         if self.speed is not None and self.pcn is not None:
             raise ConfigError("speed plans the FFN widths itself (structured PCN at the width it measures); remove "
                               "the pcn section, or remove speed and choose the widths with pcn.")
-        if self.speed is not None and self.distill is not None and self.distill.hidden_weight > 0 \
-                and self.speed.blocks_removed != 0:
-            raise ConfigError("distill.hidden_weight matches block i of the student with block i of the teacher, "
-                              "but speed may remove blocks; set distill.hidden_weight: 0 (logits only) or "
-                              "speed.blocks_removed: 0.")
         if self.gradual is not None:
             if self.prune is None or self.finetune is None:
                 raise ConfigError("gradual keeps pruning while fine-tuning, up to prune.sparsity with prune.method: it "

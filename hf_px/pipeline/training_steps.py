@@ -8,6 +8,7 @@ outputs are linked or copied into the stage's temp folder.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,8 @@ def finetune(ctx: Context, tmp: Path | None, summary: dict) -> None:
     distill = None
     if ctx.cfg.distill is not None:
         distill = dataclasses.replace(ctx.cfg.distill, teacher=str(ctx.teacher_dir()))
+        if distill.hidden_weight > 0 and distill.hidden_layers is None:
+            distill.hidden_layers = _kept_blocks(ctx)
     model = current_model(ctx)
     if ctx.has("prune"):
         masks = load_masks(ctx.stage_path("prune") / MASKS_FILE)
@@ -104,6 +107,14 @@ def finetune(ctx: Context, tmp: Path | None, summary: dict) -> None:
         link_or_copy(ctx.stage_path("prune") / MASKS_FILE, tmp / MASKS_FILE)
     if distill is not None:
         summary.update(distilled_from=ctx.folders["teacher"])
+
+
+def _kept_blocks(ctx: Context) -> list[int] | None:
+    """The teacher block each student block was, when the shrink stage removed blocks (None: none removed)."""
+    if not ctx.has("shrink"):
+        return None
+    removed = json.loads((ctx.stage_path("shrink") / "speed.json").read_text()).get("removed")
+    return list(removed["kept"]) if removed else None
 
 
 def _eval_metrics(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
