@@ -76,16 +76,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "blocks-top": {"blocks": True, "order": "top"},
     "pcn25-top1": {"pcn": 0.25, "blocks": 1, "order": "top"},
     "fast": {"plan": True, "px": "fast"},
+    "fast-hidden": {"plan": True, "px": "fast", "hidden": True},
 }
 DEFAULT_SHAPES = "1x32,1x128,32x64"
 # the recipe settings a configuration's accuracy depends on: a change gives a new model folder
 RECIPE_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length", "per_class",
                "rounds", "temperature", "alpha", "seed", "remove_blocks", "fast_target", "fast_sparsity",
-               "plan_shapes", "plan_runs")
+               "plan_shapes", "plan_runs", "hidden_weight")
 # the settings only one configuration depends on: they name its own folder, so changing the fast preset does not
 # retrain the others
 OWN_KEYS = {"blocks": ("remove_blocks",), "blocks-top": ("remove_blocks",),
-            "fast": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs")}
+            "fast": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs"),
+            "fast-hidden": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs", "hidden_weight")}
 TIMING_KEYS = ("dense_ms", "ms", "speedup", "threads", "load_average", "runs", "timing_id")
 
 
@@ -111,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=10, help="PX rounds")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--hidden-weight", type=float, default=1.0,
+                   help="the *-hidden configurations: weight of matching every kept block's output to the teacher "
+                        "block it was (MSE), on top of the logits")
     p.add_argument("--remove-blocks", type=int, default=3, help="blocks removed by the 'blocks' configuration")
     p.add_argument("--fast-target", type=float, default=2.0, help="the fast preset's target speed-up")
     p.add_argument("--fast-sparsity", type=float, default=0.0,
@@ -260,14 +265,19 @@ def run_config(name: str, args: argparse.Namespace, dataset: str, splits: Splits
                                   max_length=args.max_length, seed=args.seed)
     to_train, info = shrink(name, args, model, batches)
     shrink_s = time.perf_counter() - wall
-    # logits only (hidden_weight 0): after block removal the student's blocks no longer pair with the teacher's
-    distill = DistillConfig(teacher=teacher, temperature=args.temperature, alpha=args.alpha, hidden_weight=0.0)
+    # logits only, except the *-hidden configurations: each kept block also learns the output of the teacher
+    # block it was
+    hidden = CONFIGS[name].get("hidden", False)
+    removed = set(info.get("removed") or info.get("plan", {}).get("removed") or [])
+    kept = [i for i in range(shape_of(teacher)["num_blocks"]) if i not in removed]
+    distill = DistillConfig(teacher=teacher, temperature=args.temperature, alpha=args.alpha,
+                            hidden_weight=args.hidden_weight if hidden else 0.0, hidden_layers=kept if hidden else None)
     out = finetune(to_train, train, ev, recovery.finetune_config(recovery_args(args), args.seed, distill),
                    tokenizer=tokenizer)
     accuracy, dense_accuracy = float(out.metrics["eval_accuracy"]), float(teacher_info["dense_accuracy"])
     record = {"config": name, "dataset": dataset, "recipe": args.recipe, "accuracy": accuracy,
               "dense_accuracy": dense_accuracy, "retained": accuracy / dense_accuracy, **shape_of(out.model),
-              **info, "distill": "logits", **recipe_params(args), "data_source": teacher_info["data_source"],
+              **info, "distill": "logits + hidden" if hidden else "logits", **recipe_params(args), "data_source": teacher_info["data_source"],
               "train_examples": len(train), "eval_examples": len(ev), "shrink_wall_s": shrink_s,
               "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,
               "torch_threads": torch.get_num_threads()}
@@ -394,10 +404,12 @@ def label(r: dict[str, Any]) -> str:
         return f"{r['blocks_removed']} of {r['num_blocks'] + r['blocks_removed']} blocks removed ({how})"
     if r["config"] == "pcn25-top1":
         return "structured PCN, FFN x0.25, top block removed"
-    if r["config"] == "fast":
+    if r["config"] in ("fast", "fast-hidden"):
         return (f"fast preset: {r['blocks_removed']} block{'s' * (r['blocks_removed'] != 1)} removed, "
                 f"FFN x{r['ffn_fraction']:.3g}, "
-                f"PX {r.get('px_sparsity', 0):.0%}")
+                f"PX {r.get('px_sparsity', 0):.0%}"
+                + (f", + hidden-state distillation (weight {r['hidden_weight']:g})" if r["config"] == "fast-hidden"
+                   else ""))
     return LABELS.get(r["config"], r["config"])
 
 
