@@ -267,7 +267,7 @@ def summary(records: list[dict[str, Any]], plot_path: Path | None = None) -> str
 
 # the variants the plot shows beside the one-shot grid, by (recipe, source); the tables show every recipe
 PLOT_VARIANTS = {("demo-e1", "pretrained"): "{}", ("demo-e1", "teacher"): "{} from teacher",
-                 ("demo-e1-gradual", "pretrained"): "{} gradual"}
+                 ("demo-e1-gradual", "pretrained"): "{} gradual", ("demo-e1-gradual", "teacher"): "{} teacher + gradual"}
 
 
 def plot_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
