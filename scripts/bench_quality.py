@@ -37,7 +37,9 @@ from hf_px.data import calibration_batches, load_dataset_any
 from hf_px.modeling import load_model, load_processor
 from hf_px.pruning.report import format_table
 
-DATASETS = {"sst2": "/work/shared/data/sst2", "rt": "builtin:rotten_tomatoes", "tweets": "builtin:tweets"}
+# SST-2: the Hub copy, or a local copy of GLUE SST-2 (a folder with train.tsv/dev.tsv) named by HF_PX_SST2
+DATASETS = {"sst2": os.environ.get("HF_PX_SST2", "stanfordnlp/sst2"), "rt": "builtin:rotten_tomatoes",
+            "tweets": "builtin:tweets"}
 EVAL_SPLITS = ("dev", "validation", "test")
 # benchmark-only method names: a method with non-default options (PruneConfig.options)
 VARIANTS = {

@@ -12,7 +12,7 @@ Each cell's record is written to ``--out`` as soon as it finishes (atomic rewrit
 resumes. ``--recipe NAME`` labels the recipe; reusing a name with other recipe settings is refused.
 
 Run (``--sst2`` takes a local copy of GLUE SST-2, e.g. a folder with train.tsv/dev.tsv):
-    .venv/bin/python scripts/bench_recovery.py --datasets rt,sst2 --sst2 /work/shared/data/sst2 \\
+    .venv/bin/python scripts/bench_recovery.py --datasets rt,sst2 --sst2 PATH/TO/sst2 \\
         --methods px,snip,magnitude,wanda --sparsities 0.8,0.9,0.95 --seeds 0,1,2 --epochs 1 --recipe kd-e1
     .venv/bin/python scripts/bench_recovery.py --summary-only     # Markdown tables + results/recovery.png
 """
