@@ -36,6 +36,7 @@ ratios are the result. ``--threads`` sets torch's intra-op threads for everythin
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import sys
@@ -77,6 +78,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "pcn25-top1": {"pcn": 0.25, "blocks": 1, "order": "top"},
     "fast": {"plan": True, "px": "fast"},
     "fast-hidden": {"plan": True, "px": "fast", "hidden": True},
+    "fast-teacher": {"plan": True, "px": "fast", "source": "teacher"},
 }
 DEFAULT_SHAPES = "1x32,1x128,32x64"
 # the recipe settings a configuration's accuracy depends on: a change gives a new model folder
@@ -87,7 +89,8 @@ RECIPE_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "bat
 # retrain the others
 OWN_KEYS = {"blocks": ("remove_blocks",), "blocks-top": ("remove_blocks",),
             "fast": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs"),
-            "fast-hidden": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs", "hidden_weight")}
+            "fast-hidden": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs", "hidden_weight"),
+            "fast-teacher": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs")}
 TIMING_KEYS = ("dense_ms", "ms", "speedup", "threads", "load_average", "runs", "timing_id")
 
 
@@ -260,7 +263,9 @@ def run_config(name: str, args: argparse.Namespace, dataset: str, splits: Splits
     """Shrink/prune, distil from ``teacher``, evaluate and save configuration ``name``; returns its record."""
     train, ev = splits
     wall, cpu = time.perf_counter(), time.process_time()
-    model = pretrained(args.seed)
+    # *-teacher: shrink the fine-tuned teacher (its trained head included) instead of the pretrained weights
+    model = (copy.deepcopy(teacher).requires_grad_(True) if CONFIGS[name].get("source") == "teacher"
+             else pretrained(args.seed))
     batches = calibration_batches(train, tokenizer, per_class=args.per_class, batch_size=16,
                                   max_length=args.max_length, seed=args.seed)
     to_train, info = shrink(name, args, model, batches)
@@ -404,12 +409,12 @@ def label(r: dict[str, Any]) -> str:
         return f"{r['blocks_removed']} of {r['num_blocks'] + r['blocks_removed']} blocks removed ({how})"
     if r["config"] == "pcn25-top1":
         return "structured PCN, FFN x0.25, top block removed"
-    if r["config"] in ("fast", "fast-hidden"):
+    if r["config"] in ("fast", "fast-hidden", "fast-teacher"):
         return (f"fast preset: {r['blocks_removed']} block{'s' * (r['blocks_removed'] != 1)} removed, "
                 f"FFN x{r['ffn_fraction']:.3g}, "
                 f"PX {r.get('px_sparsity', 0):.0%}"
                 + (f", + hidden-state distillation (weight {r['hidden_weight']:g})" if r["config"] == "fast-hidden"
-                   else ""))
+                   else "") + (", shrunk from the teacher" if r["config"] == "fast-teacher" else ""))
     return LABELS.get(r["config"], r["config"])
 
 

@@ -18,7 +18,7 @@ from tiny_models import tiny, toy_sentiment_split, toy_word_tokenizer
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
 SHAPES = [(1, 8), (2, 16)]
 ALL = ["dense", "px90", "px90-csr", "pcn50", "pcn25", "pcn50-px80", "blocks", "blocks-top", "pcn25-top1", "fast",
-       "fast-hidden"]
+       "fast-hidden", "fast-teacher"]
 
 
 @pytest.fixture(scope="module")
