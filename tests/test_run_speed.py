@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_run import tiny_config
 
 import hf_px
@@ -146,6 +147,23 @@ def test_hidden_distillation_pairs_each_kept_block_with_the_teacher_block_it_was
     hf_px.run(cfg, progress=False)
     kept = json.loads((out / "03-shrink" / "speed.json").read_text())["removed"]["kept"]
     assert len(kept) == 2 and pairs and all(p == (2, 4, kept) for p in pairs)
+
+
+def test_with_a_teacher_the_shrink_starts_from_its_weights_even_without_a_prune_section(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    speed = {"target_speedup": 1.2, "blocks_removed": 1, "ffn_fraction": 0.5, "shapes": [[1, 8]], "runs": 1,
+             "confirm_runs": 1}
+    cfg = _cfg(out, speed, teacher={}, distill={})
+    cfg["prune"] = None
+    result = hf_px.run(cfg, progress=False)
+    assert result.stages["teacher"] == "ran" and result.stages["shrink"] == "ran"
+    teacher = load_file(out / "00-teacher" / "model" / "model.safetensors")
+    shrunk = load_file(out / "03-shrink" / "model" / "model.safetensors")
+    # shrinking leaves the classifier alone: the shrunk model carries the teacher's trained head, not a new one
+    for name in ("classifier.weight", "classifier.bias"):
+        assert name in shrunk and torch.equal(shrunk[name], teacher[name]), name
 
 
 @pytest.mark.parametrize("speed, extra, match", [

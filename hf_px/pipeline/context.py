@@ -58,9 +58,12 @@ class Context:
         return self.stage_path("teacher") / "model"
 
     def compresses_teacher(self) -> bool:
-        """PCN and pruning start from the teacher stage's fine-tuned weights (``prune.source: teacher``, or ``auto``
-        with a teacher stage)."""
-        return self.cfg.prune is not None and self.cfg.prune.source in ("teacher", "auto") and self.has("teacher")
+        """PCN, the shrink stage and pruning start from the teacher stage's fine-tuned weights (``prune.source:
+        teacher``, or ``auto`` with a teacher stage; a run that shrinks without a prune section counts as ``auto``)."""
+        cfg = self.cfg  # the config, not the stages so far: a stage asks this before it is itself among them
+        if not self.has("teacher") or (cfg.pcn is None and cfg.speed is None and cfg.prune is None):
+            return False
+        return self.cfg.prune is None or self.cfg.prune.source in ("teacher", "auto")
 
 
 # ------------------------------------------------------------------------------------------ models

@@ -168,8 +168,8 @@ class OutputSection:
 class TeacherSection:
     """The dense teacher: the starting model fine-tuned on the task with the ``finetune`` section's recipe (no
     masks, no distillation), before anything is pruned. Its evaluation is the run's dense baseline, which the
-    report and the model card compare the pruned model with; ``distill`` learns from it and ``prune.source:
-    teacher`` compresses it. The section is switched on by either of those, or by being present.
+    report and the model card compare the pruned model with; ``distill`` learns from it, and PCN, the speed shrink
+    and pruning start from it (``prune.source: auto``/``teacher``). The section is switched on by either of those, or by being present.
 
     Args:
         checkpoint: a dense checkpoint already fine-tuned on this task (same labels) to use instead of training
