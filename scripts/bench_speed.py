@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import sys
@@ -79,6 +80,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fast": {"plan": True, "px": "fast"},
     "fast-hidden": {"plan": True, "px": "fast", "hidden": True},
     "fast-teacher": {"plan": True, "px": "fast", "source": "teacher"},
+    "fast-teacher-hidden": {"plan": True, "px": "fast", "source": "teacher", "hidden": True},
+    "fast-teacher-e3": {"plan": True, "px": "fast", "source": "teacher", "epochs": 3},
 }
 DEFAULT_SHAPES = "1x32,1x128,32x64"
 # the recipe settings a configuration's accuracy depends on: a change gives a new model folder
@@ -90,7 +93,9 @@ RECIPE_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "bat
 OWN_KEYS = {"blocks": ("remove_blocks",), "blocks-top": ("remove_blocks",),
             "fast": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs"),
             "fast-hidden": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs", "hidden_weight"),
-            "fast-teacher": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs")}
+            "fast-teacher": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs"),
+            "fast-teacher-hidden": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs", "hidden_weight"),
+            "fast-teacher-e3": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs")}
 TIMING_KEYS = ("dense_ms", "ms", "speedup", "threads", "load_average", "runs", "timing_id")
 
 
@@ -277,8 +282,10 @@ def run_config(name: str, args: argparse.Namespace, dataset: str, splits: Splits
     kept = [i for i in range(shape_of(teacher)["num_blocks"]) if i not in removed]
     distill = DistillConfig(teacher=teacher, temperature=args.temperature, alpha=args.alpha,
                             hidden_weight=args.hidden_weight if hidden else 0.0, hidden_layers=kept if hidden else None)
-    out = finetune(to_train, train, ev, recovery.finetune_config(recovery_args(args), args.seed, distill),
-                   tokenizer=tokenizer)
+    config = recovery.finetune_config(recovery_args(args), args.seed, distill)
+    if CONFIGS[name].get("epochs"):  # a longer recovery for the student only; the teacher keeps the recipe's
+        config = dataclasses.replace(config, epochs=CONFIGS[name]["epochs"], max_steps=None)
+    out = finetune(to_train, train, ev, config, tokenizer=tokenizer)
     accuracy, dense_accuracy = float(out.metrics["eval_accuracy"]), float(teacher_info["dense_accuracy"])
     record = {"config": name, "dataset": dataset, "recipe": args.recipe, "accuracy": accuracy,
               "dense_accuracy": dense_accuracy, "retained": accuracy / dense_accuracy, **shape_of(out.model),
@@ -409,12 +416,13 @@ def label(r: dict[str, Any]) -> str:
         return f"{r['blocks_removed']} of {r['num_blocks'] + r['blocks_removed']} blocks removed ({how})"
     if r["config"] == "pcn25-top1":
         return "structured PCN, FFN x0.25, top block removed"
-    if r["config"] in ("fast", "fast-hidden", "fast-teacher"):
+    if r["config"].startswith("fast"):
+        spec = CONFIGS.get(r["config"], {})
         return (f"fast preset: {r['blocks_removed']} block{'s' * (r['blocks_removed'] != 1)} removed, "
-                f"FFN x{r['ffn_fraction']:.3g}, "
-                f"PX {r.get('px_sparsity', 0):.0%}"
-                + (f", + hidden-state distillation (weight {r['hidden_weight']:g})" if r["config"] == "fast-hidden"
-                   else "") + (", shrunk from the teacher" if r["config"] == "fast-teacher" else ""))
+                f"FFN x{r['ffn_fraction']:.3g}, PX {r.get('px_sparsity', 0):.0%}"
+                + (", shrunk from the teacher" if spec.get("source") == "teacher" else "")
+                + (f", + hidden-state distillation (weight {r['hidden_weight']:g})" if spec.get("hidden") else "")
+                + (f", {spec['epochs']} epochs of recovery" if spec.get("epochs") else ""))
     return LABELS.get(r["config"], r["config"])
 
 
