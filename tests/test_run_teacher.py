@@ -148,3 +148,14 @@ def test_a_new_stage_is_one_entry_in_the_stage_table(tmp_path, monkeypatch):
     again = hf_px.run(cfg, progress=False)
     assert again.stages["count"] == "skipped"
     assert hf_px.run(cfg, progress=False, overrides={"data.per_class": 4}).stages["count"] == "ran"
+
+
+def test_teacher_epochs_give_only_the_student_the_longer_recovery(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, teacher={"epochs": 1}, distill={}, pcn=None,
+                      prune={"method": "magnitude", "sparsity": 0.5, "rounds": 1})
+    hf_px.run(cfg, progress=False)
+    teacher, student = _summary(out, "00-teacher")["steps"], _summary(out, "05-finetune")["steps"]
+    assert teacher > 0 and student == 2 * teacher  # finetune.epochs is 2 in the tiny config
+    with pytest.raises(ConfigError, match="teacher.epochs"):
+        RunConfig.from_dict(tiny_config(out, teacher={"epochs": 0}))

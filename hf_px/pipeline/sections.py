@@ -169,14 +169,23 @@ class TeacherSection:
     """The dense teacher: the starting model fine-tuned on the task with the ``finetune`` section's recipe (no
     masks, no distillation), before anything is pruned. Its evaluation is the run's dense baseline, which the
     report and the model card compare the pruned model with; ``distill`` learns from it, and PCN, the speed shrink
-    and pruning start from it (``prune.source: auto``/``teacher``). The section is switched on by either of those, or by being present.
+    and pruning start from it (``prune.source: auto``/``teacher``). The section is switched on by either of those,
+    or by being present.
 
     Args:
         checkpoint: a dense checkpoint already fine-tuned on this task (same labels) to use instead of training
             one; the stage then only evaluates it.
+        epochs: the teacher's passes over the training data instead of ``finetune.epochs`` (and its max_steps),
+            e.g. 1 with ``finetune.epochs: 3`` to give only the compressed student the longer recovery.
     """
 
     checkpoint: str | None = None
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
+                                        or self.epochs < 1):
+            raise ConfigError(f"teacher.epochs must be an integer >= 1 or null, got {self.epochs!r}.")
 
 
 @dataclass

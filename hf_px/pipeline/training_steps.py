@@ -42,6 +42,8 @@ def _train(ctx: Context, name: str, model: torch.nn.Module, masks: dict, distill
                                  label_column=ctx.plan.label_column or "label", text_column=ctx.plan.text_column,
                                  max_length=ctx.cfg.data.max_length, distill=distill, gradual=gradual,
                                  metrics=tuple(ctx.cfg.evaluate.metrics) if ctx.cfg.evaluate.metrics else None)
+    if name == "teacher" and ctx.cfg.teacher.epochs is not None:
+        config = dataclasses.replace(config, epochs=ctx.cfg.teacher.epochs, max_steps=None)
     return run_finetune(model, ctx.plan.train, ctx.plan.eval, config, tokenizer=ctx.processor(), masks=masks,
                         calibration=load_batches(ctx) if gradual is not None else None)
 
