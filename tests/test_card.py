@@ -222,3 +222,15 @@ def test_a_speed_card_says_where_the_target_was_missed():
                           base_model="builtin:minilm"))
     assert "no candidate reached it on that machine" in text
     assert "measured below the target at 32 x 64" in text and "below the target at 1 x 32" not in text
+
+
+def test_a_shrunk_unpruned_model_says_what_was_done_and_is_tagged_for_it():
+    shrink = {"blocks_removed": 2, "num_blocks": 6, "ffn_width": 576, "ffn_fraction": 0.375}
+    card = build_card({"method": "none (not pruned)", "layers": [], "shrink": shrink,
+                       "speed": {"target_speedup": 2.0, "shapes": []}}, base_model="builtin:minilm")
+    text = str(card)
+    assert "not pruned" not in text
+    assert "2 of 6 blocks removed and FFN width cut to 576 (dense weights, no unstructured sparsity)" in text
+    assert {"pcn", "layer-pruning"} <= set(card.data.tags) and "sparse" not in card.data.tags
+    plain = build_card({"method": "none (not pruned)", "layers": []}, base_model="builtin:minilm")
+    assert "not pruned" in str(plain) and "layer-pruning" not in plain.data.tags

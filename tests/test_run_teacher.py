@@ -157,5 +157,7 @@ def test_teacher_epochs_give_only_the_student_the_longer_recovery(tmp_path):
     hf_px.run(cfg, progress=False)
     teacher, student = _summary(out, "00-teacher")["steps"], _summary(out, "05-finetune")["steps"]
     assert teacher > 0 and student == 2 * teacher  # finetune.epochs is 2 in the tiny config
+    report = (out / "report.md").read_text()
+    assert f"same recipe but {teacher} steps, against this model's {student}" in report
     with pytest.raises(ConfigError, match="teacher.epochs"):
         RunConfig.from_dict(tiny_config(out, teacher={"epochs": 0}))

@@ -95,8 +95,10 @@ def _tags(report: dict, pruned: bool, format: str) -> list[str]:
         tags.append("sparse")
     if pruned and method == "px":
         tags.append("px")
-    if report.get("pcn"):
+    if report.get("pcn") or (report.get("shrink") or {}).get("ffn_fraction", 1) < 1:
         tags.append("pcn")
+    if (report.get("shrink") or {}).get("blocks_removed"):
+        tags.append("layer-pruning")
     if finetune.get("distill"):
         tags.append("distillation")
     if finetune.get("peft") == "lora":
@@ -207,8 +209,16 @@ def build_card(
     calibration["dataset"] = _describe_dataset(calibration.get("dataset"), dataset_hub_id(calibration.get("dataset")))
     calibration_rows = [(k, v if k == "dataset" else _fmt(v)) for k, v in calibration.items()
                         if v is not None and k not in _NOT_CALIBRATION]
-    done = (f"pruned to {_pct(achieved)} sparsity (target {_pct(target)}) with `{method}`" if pruned
-            else f"{'fine-tuned' if report.get('finetune') else 'saved'} with hf-px (not pruned)")
+    shrink = report.get("shrink") or {}
+    shrunk = (f"{shrink['blocks_removed']} of {shrink['num_blocks']} blocks removed and FFN width cut to "
+              f"{shrink['ffn_width']}" if shrink.get("num_blocks") else None)
+    if pruned:
+        done = f"pruned to {_pct(achieved)} sparsity (target {_pct(target)}) with `{method}`"
+        done = f"{done}, after {shrunk}" if shrunk else done
+    elif shrunk:
+        done = f"made smaller with hf-px: {shrunk} (dense weights, no unstructured sparsity)"
+    else:
+        done = f"{'fine-tuned' if report.get('finetune') else 'saved'} with hf-px (not pruned)"
     summary = f"{base_text[0].upper() + base_text[1:]} {done}." if base_text else f"{done[0].upper() + done[1:]}."
     return ModelCard.from_template(
         data,

@@ -16,7 +16,7 @@ LOCAL_PATH = "(local path)"
 # ``Trainer``-style prefixes of a metric name that say which split it came from, not what it measures
 _SPLIT_PREFIX = re.compile(r"^(eval|test|validation|val|dev)_")
 FORMAT_NOTES = {
-    "dense": "standard `model.safetensors` with the pruned weights stored as zeros; stock "
+    "dense": "standard `model.safetensors` (pruned weights, if any, are stored as zeros); stock "
     "`transformers` loads it, `hf-px` is not needed.",
     "dense-pcn": "standard `model.safetensors`, but the PCN projection layers are hf-px model classes: install "
     "`hf-px` and `import hf_px.pcn` before loading it with `transformers`.",

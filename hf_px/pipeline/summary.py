@@ -173,8 +173,10 @@ def render_markdown(data: dict[str, Any], plots: dict[str, str], plot_prefix: st
                                                                (ft.get("metrics") or {}).items())]
     if data.get("baseline"):
         teacher = data["teacher"]
-        where = f"`{teacher['checkpoint']}`" if teacher.get("checkpoint") else \
-            f"the starting model fine-tuned with the same recipe ({_num(teacher.get('steps'))} steps)"
+        steps, student = teacher.get("steps"), (ft or {}).get("steps")
+        same = f"with the same recipe ({_num(steps)} steps)" if steps == student or student is None else \
+            f"with the same recipe but {_num(steps)} steps, against this model's {_num(student)}"
+        where = f"`{teacher['checkpoint']}`" if teacher.get("checkpoint") else f"the starting model fine-tuned {same}"
         lines += ["", "## Evaluation: dense baseline vs this model", "", f"Dense baseline: {where}.", "",
                   "| metric | dense | this model | share of dense kept |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {r['metric']} | {_num(r['dense'])} | {_num(r['value'])} | {_share(r['retained'])} |"
