@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny, toy_sentiment_split, toy_word_tokenizer
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_recovery.py"
+from tiny_models import load_script, tiny, toy_sentiment_split, toy_word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_recovery", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_recovery")
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,14 @@ number comes from.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import warnings
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny, toy_sentiment_split, toy_word_tokenizer
+from tiny_models import load_script, tiny, toy_sentiment_split, toy_word_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
 SHAPES = [(1, 8), (2, 16)]
 ALL = ["dense", "px90", "px90-csr", "pcn50", "pcn25", "pcn50-px80", "blocks", "blocks-top", "pcn25-top1", "fast",
        "fast-hidden", "fast-teacher", "fast-teacher-hidden", "fast-teacher-e3"]
@@ -23,10 +21,7 @@ ALL = ["dense", "px90", "px90-csr", "pcn50", "pcn25", "pcn50-px80", "blocks", "b
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_speed")
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
+from tiny_models import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_quality")
 
 
 def _rec(method, sparsity, seed, acc, dataset="rt"):
@@ -38,21 +32,13 @@ def test_markdown_table_means_stds_seed_counts_and_best():
 
 
 def test_allocation_groups_kept_fractions_by_role_and_block():
-    import sys
-
     import torch
     from tiny_models import tiny
 
     from hf_px.pruning.masks import init_masks
     from hf_px.pruning.targets import collect_targets
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_allocation", SCRIPT.parent / "bench_allocation.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    module = load_script("bench_allocation")
     model = tiny("bert")
     targets = collect_targets(model)
     masks = init_masks(targets)

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import load_script
 from torch import nn
 
 import hf_px
@@ -293,13 +294,7 @@ def test_keep_rule_is_validated():
 # ------------------------------------------------------------------------------------------ the bn benchmark
 
 def test_bn_benchmark_runs_and_merges(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_px_bn.py"
-    spec = importlib.util.spec_from_file_location("bench_px_bn", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_px_bn")
     out = tmp_path / "px_bn.json"
     tiny = ["--seeds", "0", "--sparsities", "0.9", "--rounds", "2", "--per-class", "2", "--train", "60",
             "--test", "40", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--scratch-epochs", "1",

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import load_script
 from transformers import ResNetConfig, ResNetForImageClassification
 
 import hf_px
@@ -276,13 +277,7 @@ def test_hf_px_run_on_a_saved_resnet(tmp_path):
 
 def test_bench_vision_quick_synthetic(tmp_path):
     """The transfer benchmark's smoke mode on synthetic images (no data sets needed) writes its JSON and plot."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_vision.py"
-    spec = importlib.util.spec_from_file_location("bench_vision", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_vision")
     out = tmp_path / "vision.json"
     argv = ["--quick", "--synthetic", "--methods", "px", "random", "--sparsities", "0.9", "--bn-sparsities",
             "--pretrain-examples", "600", "--work-dir", str(tmp_path / "work"), "--json", str(out),

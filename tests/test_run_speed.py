@@ -57,6 +57,22 @@ def test_fixed_plan_gives_a_smaller_stock_model_and_a_measured_report(tmp_path):
     assert f"| 1 x 16 | {rows[0]['dense_ms']:.2f} | {rows[0]['ms']:.2f} | {rows[0]['speedup']:.2f}x |" in card
 
 
+class FakeResult:
+    """What ``measure_latency`` returns, with a fixed speed-up: the plan tests use a latency model, no clock."""
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = ratio
+
+    def speedup(self, name: str) -> float:
+        return self.ratio
+
+
+def block_param_ratio(models: dict) -> float:
+    """The latency model: cost proportional to block parameters (full model / candidate)."""
+    full, small = (sum(p.numel() for n, p in m.named_parameters() if ".layer." in n) for m in models.values())
+    return full / small
+
+
 def test_plan_picks_a_candidate_that_met_the_target_with_the_most_parameters(monkeypatch):
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -64,16 +80,8 @@ def test_plan_picks_a_candidate_that_met_the_target_with_the_most_parameters(mon
 
     model = BertForSequenceClassification(BertConfig(**{k: v for k, v in FOUR_BLOCKS.items() if k != "model_type"}))
 
-    class FakeResult:  # a latency model: cost proportional to block parameters, no clock involved
-        def __init__(self, ratio):
-            self.ratio = ratio
-
-        def speedup(self, name):
-            return self.ratio
-
     def fake_measure(models, inputs, runs):
-        full, small = (sum(p.numel() for n, p in m.named_parameters() if ".layer." in n) for m in models.values())
-        return FakeResult(full / small)
+        return FakeResult(block_param_ratio(models))
 
     monkeypatch.setattr(plan_mod, "measure_latency", fake_measure)
     plan = plan_speed(model, SpeedConfig(target_speedup=2.0, shapes=((1, 8),), runs=1))
@@ -102,16 +110,8 @@ def test_a_candidate_that_fails_the_longer_timing_is_dropped_for_the_next(monkey
     model = BertForSequenceClassification(BertConfig(**{k: v for k, v in FOUR_BLOCKS.items() if k != "model_type"}))
     seen = []
 
-    class FakeResult:
-        def __init__(self, ratio):
-            self.ratio = ratio
-
-        def speedup(self, name):
-            return self.ratio
-
     def fake_measure(models, inputs, runs):
-        full, small = (sum(p.numel() for n, p in m.named_parameters() if ".layer." in n) for m in models.values())
-        ratio = full / small
+        ratio = block_param_ratio(models)
         seen.append((runs, ratio))
         # the short screening overstates every candidate just below the target as 2.5x (a noisy, busy machine)
         return FakeResult(2.5 if runs == 1 and 1.6 <= ratio < 2.0 else ratio)

@@ -113,3 +113,20 @@ def toy_sentiment_split(n: int, seed: int):
         texts.append(f"the movie was {TOY_WORDS[(i % 3) + (0 if label else 3)]} {TOY_WORDS[6 + i % 4]}")
         labels.append(label)
     return datasets.Dataset.from_dict({"text": texts, "label": labels})
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (scripts/ is not a package; its siblings are importable meanwhile)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(scripts))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(scripts))
+    return module
