@@ -90,12 +90,10 @@ RECIPE_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "bat
                "plan_shapes", "plan_runs", "hidden_weight")
 # the settings only one configuration depends on: they name its own folder, so changing the fast preset does not
 # retrain the others
+PLAN_KEYS = ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs")
 OWN_KEYS = {"blocks": ("remove_blocks",), "blocks-top": ("remove_blocks",),
-            "fast": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs"),
-            "fast-hidden": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs", "hidden_weight"),
-            "fast-teacher": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs"),
-            "fast-teacher-hidden": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs", "hidden_weight"),
-            "fast-teacher-e3": ("fast_target", "fast_sparsity", "plan_shapes", "plan_runs")}
+            **{name: PLAN_KEYS + (("hidden_weight",) if spec.get("hidden") else ())
+               for name, spec in CONFIGS.items() if spec.get("plan")}}
 TIMING_KEYS = ("dense_ms", "ms", "speedup", "threads", "load_average", "runs", "timing_id")
 
 
