@@ -37,6 +37,10 @@ def test_fixed_plan_gives_a_smaller_stock_model_and_a_measured_report(tmp_path):
     assert record["plan"]["blocks_removed"] == 1 and len(record["removed"]["removed"]) == 1
     # the block PX ranked lowest is the one removed
     assert record["removed"]["removed"] == [record["block_ranking"][0]["block"]]
+    # the narrowing PCA gets PCN's own sample, sized to the FFN width (2 tokens per unit), not the pruning sample
+    sample = record["pcn_calibration"]
+    assert sample["tokens_wanted"] == 2 * FOUR_BLOCKS["intermediate_size"]
+    assert record["pcn"]["calibration_tokens"] >= sample["tokens_wanted"]
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "09-card" / "model")  # stock reload
     assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 32

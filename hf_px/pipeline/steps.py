@@ -78,19 +78,20 @@ def batch_tokens(batch: dict[str, torch.Tensor], config: Any = None) -> int:
     return images
 
 
-def pcn_batches(ctx: Context, model: torch.nn.Module) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+def pcn_batches(ctx: Context, model: torch.nn.Module, cfg: Any = None
+                ) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """PCN's calibration sample: at least ``pcn.calibration_factor`` x the widest layer it measures in tokens.
 
     The pruning sample (``data.per_class`` examples per class, a few hundred tokens) is far too small for the PCA
     of a layer hundreds or thousands wide: with fewer tokens than the width, every width explains all the
     variance. PCN draws its own seeded sample of the training split instead, doubling it until it holds enough
     tokens (or is the whole split); with ``calibration_factor: 0``, or when the pruning sample is large enough,
-    it uses the pruning sample.
+    it uses the pruning sample. ``cfg`` is the PCN config to size the sample for (default: the run's ``pcn``).
     """
     from ..data import calibration_batches
     from ..pcn import measured_width
 
-    cfg, plan, d = ctx.cfg.pcn, ctx.plan, ctx.cfg.data
+    cfg, plan, d = cfg or ctx.cfg.pcn, ctx.plan, ctx.cfg.data
     base = load_batches(ctx)
     have = sum(batch_tokens(b, model.config) for b in base)
     want = int(math.ceil(cfg.calibration_factor * measured_width(model, cfg)))
@@ -131,13 +132,23 @@ def pcn(ctx: Context, tmp: Path, summary: dict) -> None:
 
 def shrink(ctx: Context, tmp: Path, summary: dict) -> None:
     """Plan block removal and FFN width toward ``speed.target_speedup`` by timing on this machine, then apply it."""
+    from ..pcn import PCNConfig
     from ..speed.plan import apply_plan, plan_speed
 
     model = current_model(ctx)
     plan = plan_speed(model, ctx.cfg.speed)
     prune_cfg = ctx.cfg.prune
+    # the narrowing is a PCA of FFN activations: it gets PCN's own, larger sample (the run's pcn settings when it
+    # has a pcn section), not the few pruning examples that rank the blocks
+    factor = ctx.cfg.pcn.calibration_factor if ctx.cfg.pcn is not None else PCNConfig().calibration_factor
+    narrow, sample = None, None
+    if plan.ffn_fraction < 1:
+        narrow, sample = pcn_batches(ctx, model, PCNConfig(width=plan.ffn_width, mode="structured",
+                                                           calibration_factor=factor))
     model, record = apply_plan(model, plan, load_batches(ctx), method=prune_cfg.method if prune_cfg else "px",
-                               options=prune_cfg.options if prune_cfg else None)
+                               options=prune_cfg.options if prune_cfg else None, pcn_batches=narrow)
+    if sample is not None:
+        record["pcn_calibration"] = sample
     save_model(model, tmp / "model", ctx, metadata={"speed": record})
     write_json_atomic(tmp / "speed.json", record)
     summary.update(blocks_removed=plan.blocks_removed, num_blocks=plan.num_blocks, ffn_width=plan.ffn_width,

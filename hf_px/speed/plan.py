@@ -200,8 +200,13 @@ def plan_speed(model: nn.Module, config: SpeedConfig) -> SpeedPlan:
 
 
 def apply_plan(model: nn.Module, plan: SpeedPlan, batches: list, method: str = "px",
-               options: Any = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Remove the plan's lowest-ranked blocks and narrow the FFNs with structured PCN; returns (model, record)."""
+               options: Any = None, pcn_batches: list | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Remove the plan's lowest-ranked blocks and narrow the FFNs with structured PCN; returns (model, record).
+
+    ``batches`` rank the blocks (``method``'s scores); the PCA that narrows the FFNs uses ``pcn_batches`` when
+    given, else ``batches``. A PCA of a layer wants at least a few tokens per unit of its width, far more than the
+    few examples per class that scoring needs.
+    """
     from ..pcn import PCNConfig, apply_pcn
     from ..structure.blocks import rank_blocks, remove_blocks
 
@@ -212,7 +217,8 @@ def apply_plan(model: nn.Module, plan: SpeedPlan, batches: list, method: str = "
         record["block_ranking"] = ranking
         record["removed"] = remove_blocks(model, drop)
     if plan.ffn_fraction < 1:
-        report = apply_pcn(model, batches, PCNConfig(width=plan.ffn_width, mode="structured"))
+        report = apply_pcn(model, pcn_batches if pcn_batches is not None else batches,
+                           PCNConfig(width=plan.ffn_width, mode="structured"))
         model = report.model if report.model is not None else model
         record["pcn"] = report.to_dict()
     return model, record
