@@ -280,7 +280,7 @@ def test_bench_vision_quick_synthetic(tmp_path):
     bench = load_script("bench_vision")
     out = tmp_path / "vision.json"
     argv = ["--quick", "--synthetic", "--methods", "px", "random", "--sparsities", "0.9", "--bn-sparsities",
-            "--pretrain-examples", "600", "--work-dir", str(tmp_path / "work"), "--json", str(out),
+            "--pretrain-examples", "600", "--depths", "1", "1", "1", "--work-dir", str(tmp_path / "work"), "--json", str(out),
             "--png", str(tmp_path / "vision.png")]
     assert bench.main(argv) == 0
     data = json.loads(out.read_text())
@@ -289,6 +289,7 @@ def test_bench_vision_quick_synthetic(tmp_path):
     assert {r["method"] for r in records} == {"dense", "px", "random"}
     for r in records:
         assert {"method", "sparsity", "seed", "accuracy", "dense_accuracy"} <= set(r)
+        assert r["depths"] == [1, 1, 1]
         assert 0.0 <= r["accuracy"] <= 1.0
         if r["method"] != "dense":  # exact sparsity, and the masks held through fine-tuning
             assert r["achieved_sparsity"] == pytest.approx(0.9, abs=1e-4)
