@@ -28,6 +28,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fast-teacher": {"plan": True, "px": "fast", "source": "teacher"},
     "fast-teacher-hidden": {"plan": True, "px": "fast", "source": "teacher", "hidden": True},
     "fast-teacher-e3": {"plan": True, "px": "fast", "source": "teacher", "epochs": 3},
+    "fast-teacher-e5": {"plan": True, "px": "fast", "source": "teacher", "epochs": 5},
+    "fast-teacher-hidden-e3": {"plan": True, "px": "fast", "source": "teacher", "hidden": True, "epochs": 3},
 }
 DEFAULT_SHAPES = "1x32,1x128,32x64"
 # the recipe settings a configuration's accuracy depends on: a change gives a new model folder
