@@ -16,7 +16,8 @@ from tiny_models import load_script, tiny, toy_sentiment_split, toy_word_tokeniz
 
 SHAPES = [(1, 8), (2, 16)]
 ALL = ["dense", "px90", "px90-csr", "pcn50", "pcn25", "pcn50-px80", "blocks", "blocks-top", "pcn25-top1", "fast",
-       "fast-hidden", "fast-teacher", "fast-teacher-hidden", "fast-teacher-e3"]
+       "fast-hidden", "fast-teacher", "fast-teacher-hidden", "fast-teacher-e3", "fast-teacher-e5",
+       "fast-teacher-hidden-e3"]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_structure_of_each_config(run):
     csr = [r for r in run["records"] if r["config"] == "px90-csr"]
     assert all(r["accuracy"] == by["px90"]["accuracy"] and r["accuracy_from"] == "px90" for r in csr)
     assert all(set(r["kernels"]) >= {"sparse_layers", "linear_layers", "reverted"} for r in csr)
-    assert all(r["distill"] == "logits" for c, r in by.items() if c not in ("dense", "fast-hidden", "fast-teacher-hidden"))
+    assert all(r["distill"] == ("logits + hidden" if "hidden" in c else "logits") for c, r in by.items() if c != "dense")
     hidden = by["fast-hidden"]  # planned again (timing on a tiny model is noise), then distilled block by block
     assert hidden["distill"] == "logits + hidden" and hidden["hidden_weight"] == 1.0
     assert hidden["num_blocks"] == 2 - hidden["plan"]["blocks_removed"] >= 1
