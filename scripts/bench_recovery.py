@@ -62,6 +62,21 @@ Splits = tuple[Any, Any]  # (train subset, eval split) as datasets.Dataset
 Pretrained = Callable[[int], nn.Module]  # seed -> the pretrained model with a freshly initialised head
 
 
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The fine-tuning recipe's options, shared with bench_speed (whose teachers are this script's)."""
+    p.add_argument("--train-size", type=int, default=2000, help="fixed training subset (seed-0 shuffle)")
+    p.add_argument("--eval-size", type=int, default=1000, help="cap on the eval split (SST-2 dev has 872)")
+    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (ignored when --steps is set)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--per-class", type=int, default=10, help="calibration examples per class")
+    p.add_argument("--rounds", type=int, default=10, help="pruning rounds (the same for every method)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
+    p.add_argument("--alpha", type=float, default=0.5, help="share of the distillation term (0: labels only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="rt", help="comma list: rt (built-in Rotten Tomatoes), sst2 (see --sst2)")
@@ -77,17 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=PACKAGED, help=f"model folder or Hub id (default: {PACKAGED}, the packaged "
                    "all-MiniLM-L6-v2)")
     p.add_argument("--recipe", default="default", help="name of this recipe, stored in every record")
-    p.add_argument("--train-size", type=int, default=2000, help="fixed training subset (seed-0 shuffle)")
-    p.add_argument("--eval-size", type=int, default=1000, help="cap on the eval split (SST-2 dev has 872)")
-    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (ignored when --steps is set)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--per-class", type=int, default=10, help="calibration examples per class")
-    p.add_argument("--rounds", type=int, default=10, help="pruning rounds (the same for every method)")
-    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
-    p.add_argument("--alpha", type=float, default=0.5, help="share of the distillation term (0: labels only)")
+    add_recipe_arguments(p)
     p.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
                    help="oneshot: prune to the sparsity, then fine-tune with fixed masks; gradual: prune to "
                    "--initial-sparsity, then keep pruning while fine-tuning on the cubic schedule (hf_px.GradualConfig)")

@@ -58,17 +58,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="demo-e1", help="name of the recipe, stored in every record")
     p.add_argument("--model", default=recovery.PACKAGED, help="model folder or Hub id (default: the packaged MiniLM)")
     p.add_argument("--seed", type=int, default=0, help="head init, calibration sample, data order")
-    p.add_argument("--train-size", type=int, default=2000)
-    p.add_argument("--eval-size", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--per-class", type=int, default=10, help="calibration examples per class")
-    p.add_argument("--rounds", type=int, default=10, help="PX rounds")
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--alpha", type=float, default=0.5)
+    recovery.add_recipe_arguments(p)
     p.add_argument("--hidden-weight", type=float, default=1.0,
                    help="the *-hidden configurations: weight of matching every kept block's output to the teacher "
                         "block it was (MSE), on top of the logits")
