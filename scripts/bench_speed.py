@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 Pretrained = Callable[[int], nn.Module]  # seed -> the pretrained model with a freshly initialised head
 Splits = tuple[Any, Any]
 
+
 def shape_of(model: nn.Module) -> dict[str, Any]:
     """Blocks, FFN width, parameter counts and unstructured sparsity of ``model``."""
     spec = find_arch(model)

