@@ -53,7 +53,7 @@ SOURCES = ("pretrained", "teacher")
 RECIPE_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length", "per_class",
                "rounds", "temperature", "alpha", "freeze_embeddings")
 # recipe settings added after the first records: what the records without them were run with
-LATER_KEYS = {"schedule": "oneshot", "group_by_length": False}
+LATER_KEYS = {"schedule": "oneshot", "group_by_length": False, "min_density_ratio": 0.1}
 GRADUAL_KEYS = ("initial_sparsity", "gradual_every", "gradual_end")
 TEACHER_KEYS = ("model", "train_size", "eval_size", "epochs", "steps", "lr", "batch_size", "max_length")
 CELL_KEYS = ("dataset", "source", "recipe", "method", "sparsity", "seed")
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
                    help="oneshot: prune to the sparsity, then fine-tune with fixed masks; gradual: prune to "
                    "--initial-sparsity, then keep pruning while fine-tuning on the cubic schedule (hf_px.GradualConfig)")
+    p.add_argument("--min-density-ratio", type=float, default=0.1,
+                   help="PruneConfig.min_density_ratio: every matrix keeps at least this fraction of the round's "
+                   "density (1: every matrix pruned to the same sparsity, ranked by the method within it)")
     p.add_argument("--initial-sparsity", type=float, default=0.0, help="gradual: sparsity of the first pruning step")
     p.add_argument("--gradual-every", type=int, default=5, help="gradual: optimizer steps between pruning steps")
     p.add_argument("--gradual-end", type=float, default=0.7,
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def recipe_params(args: argparse.Namespace) -> dict[str, Any]:
     params = {k: getattr(args, k) for k in RECIPE_KEYS}
     params["schedule"], params["group_by_length"] = args.schedule, args.group_by_length
+    params["min_density_ratio"] = args.min_density_ratio
     if args.schedule == "gradual":
         params.update({k: getattr(args, k) for k in GRADUAL_KEYS})
     return params
@@ -184,7 +188,8 @@ def run_cell(args: argparse.Namespace, dataset: str, method: str, sparsity: floa
     model = copy.deepcopy(teacher).requires_grad_(True) if args.source == "teacher" else pretrained(seed)
     batches = calibration_batches(train, tokenizer, per_class=args.per_class, batch_size=16,
                                   max_length=args.max_length, seed=seed)
-    final = prune_config(method, sparsity=sparsity, rounds=args.rounds, seed=seed)
+    final = prune_config(method, sparsity=sparsity, rounds=args.rounds, seed=seed,
+                         min_density_ratio=args.min_density_ratio)
     gradual = None
     if args.schedule == "gradual":
         # one-shot to the starting sparsity (if any), the rest while fine-tuning on the same calibration batches

@@ -170,3 +170,19 @@ def test_gradual_cell_reaches_the_sparsity_while_fine_tuning(bench, tokenizer, s
     old = {"recipe": "toy", **bench.recipe_params(_args(bench, tmp_path))}
     del old["schedule"]  # records written before --schedule existed count as one-shot
     bench.check_recipe([old], _args(bench, tmp_path))
+
+
+def test_min_density_ratio_reaches_the_pruner_and_names_the_recipe(bench, tokenizer, splits, tmp_path, monkeypatch):
+    args = _args(bench, tmp_path, "--min-density-ratio", "1")
+    data = splits["toy"]
+    teacher, info = bench.get_teacher(args, "toy", "in-memory", 0, data, tokenizer, _pretrained)
+    seen, prune = [], bench.hf_px.prune
+    monkeypatch.setattr(bench.hf_px, "prune", lambda model, batches, cfg, **kw: seen.append(cfg) or prune(
+        model, batches, cfg, **kw))
+    rec = bench.run_cell(args, "toy", "px", 0.5, 0, data, tokenizer, _pretrained, teacher, info)
+    assert [c.min_density_ratio for c in seen] == [1.0] and rec["min_density_ratio"] == 1.0
+    with pytest.raises(SystemExit, match="min_density_ratio"):
+        bench.check_recipe([{"recipe": "toy", **bench.recipe_params(args)}], _args(bench, tmp_path))
+    old = {"recipe": "toy", **bench.recipe_params(_args(bench, tmp_path))}
+    del old["min_density_ratio"]  # records written before the option existed were pruned with the default
+    bench.check_recipe([old], _args(bench, tmp_path))

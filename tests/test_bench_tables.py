@@ -56,6 +56,8 @@ def test_allocation_groups_kept_fractions_by_role_and_block():
     total = sum(masks[t.key].numel() for t in block0)
     kept = sum(int(masks[t.key].sum()) for t in block0)
     assert out["by_block"]["0"] == kept / total < 1.0
+    assert out["by_matrix"]["0.ffn_in"] == 0.0 and out["by_matrix"]["1.ffn_in"] == 1.0
+    assert out["by_matrix"]["0.q"] == out["by_matrix"]["1.q"] == 0.75
 
 
 def test_records_replace_only_their_own_key():

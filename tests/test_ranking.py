@@ -152,3 +152,28 @@ def test_select_masks_equals_the_sorting_implementation(family, ratio):
             assert torch.equal(new[name], old[name]), (family, d, name)
         total = sum(t.numel() for t in targets)
         assert sum(int(m.sum()) for m in new.values()) == _keep_count(d, total)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_full_floor_prunes_every_matrix_to_the_same_density(family):
+    """min_density_ratio=1: the floors use the whole budget, so each matrix keeps the round's density (its own
+    best-scored weights), however differently the matrices' scores are scaled."""
+    model = tiny(family)
+    targets = collect_targets(model)
+    g = torch.Generator().manual_seed(5)
+    scores = {t.key: torch.rand(t.view(t.param).shape, generator=g, dtype=torch.float64) * 10.0 ** (3 * i)
+              for i, t in enumerate(targets)}  # a global threshold alone would keep only the last matrices
+    masks = init_masks(targets)
+    slack = len(targets)  # each floor is rounded up, so the cut may take up to one entry per matrix back
+    for d in (0.5, 0.2):
+        fresh = select_masks(targets, scores, init_masks(targets), d, 1.0)
+        masks = select_masks(targets, scores, masks, d, 1.0)  # the same from the previous round's masks
+        for t in targets:
+            for m in (fresh, masks):
+                assert abs(int(t.view(m[t.param_name]).sum()) - d * t.numel()) <= slack, (t.key, d)
+            if t.on_path:  # what a fresh round keeps are the matrix's own top scores, but for the rounding
+                kept = t.view(fresh[t.param_name]).flatten()  # entries given back (floored ties go by position)
+                best = torch.topk(scores[t.key].flatten(), int(kept.sum())).indices
+                assert int((~kept[best]).sum()) <= slack, (t.key, d)
+    glob = select_masks(targets, scores, init_masks(targets), 0.2, 0.0)
+    assert int(targets[0].view(glob[targets[0].param_name]).sum()) < 0.2 * targets[0].numel() / 2
