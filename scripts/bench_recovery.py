@@ -219,6 +219,8 @@ def grid(args: argparse.Namespace) -> list[tuple[str, float]]:
     bad = [s for s in sparsities if math.isnan(s) or not 0 < s < 1]
     if bad:
         raise SystemExit(f"--sparsities: {bad} not in (0, 1)")
+    if not 0 <= args.min_density_ratio <= 1:  # NaN fails too
+        raise SystemExit(f"--min-density-ratio: {args.min_density_ratio} not in [0, 1]")
     return [(m, s) for s in sparsities for m in args.methods.split(",") if m]
 
 

@@ -183,6 +183,8 @@ def test_min_density_ratio_reaches_the_pruner_and_names_the_recipe(bench, tokeni
     assert [c.min_density_ratio for c in seen] == [1.0] and rec["min_density_ratio"] == 1.0
     with pytest.raises(SystemExit, match="min_density_ratio"):
         bench.check_recipe([{"recipe": "toy", **bench.recipe_params(args)}], _args(bench, tmp_path))
+    with pytest.raises(SystemExit, match="--min-density-ratio"):
+        bench.grid(_args(bench, tmp_path, "--min-density-ratio", "1.5"))  # refused before any data is read
     old = {"recipe": "toy", **bench.recipe_params(_args(bench, tmp_path))}
     del old["min_density_ratio"]  # records written before the option existed were pruned with the default
     bench.check_recipe([old], _args(bench, tmp_path))
