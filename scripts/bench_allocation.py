@@ -52,7 +52,8 @@ def main() -> None:
     p.add_argument("--dataset", default="rt", help="rt, sst2 or tweets (as in bench_quality.py), or a local folder")
     p.add_argument("--model", default=None, help="checkpoint folder to prune (default: the packaged pretrained "
                    "MiniLM with a fresh head)")
-    p.add_argument("--min-density-ratio", type=float, default=0.1, help="PruneConfig.min_density_ratio")
+    p.add_argument("--min-density-ratio", type=float, default=hf_px.PruneConfig.min_density_ratio,
+                   help="PruneConfig.min_density_ratio")
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--methods", default="px,px-b1,snip,magnitude,wanda,synflow")
     p.add_argument("--rounds", type=int, default=10)

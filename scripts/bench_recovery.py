@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
                    help="oneshot: prune to the sparsity, then fine-tune with fixed masks; gradual: prune to "
                    "--initial-sparsity, then keep pruning while fine-tuning on the cubic schedule (hf_px.GradualConfig)")
-    p.add_argument("--min-density-ratio", type=float, default=0.1,
+    p.add_argument("--min-density-ratio", type=float, default=hf_px.PruneConfig.min_density_ratio,
                    help="PruneConfig.min_density_ratio: every matrix keeps at least this fraction of the round's "
                    "density (1: every matrix pruned to the same sparsity, ranked by the method within it)")
     p.add_argument("--initial-sparsity", type=float, default=0.0, help="gradual: sparsity of the first pruning step")
@@ -219,8 +219,10 @@ def grid(args: argparse.Namespace) -> list[tuple[str, float]]:
     bad = [s for s in sparsities if math.isnan(s) or not 0 < s < 1]
     if bad:
         raise SystemExit(f"--sparsities: {bad} not in (0, 1)")
-    if not 0 <= args.min_density_ratio <= 1:  # NaN fails too
-        raise SystemExit(f"--min-density-ratio: {args.min_density_ratio} not in [0, 1]")
+    try:  # PruneConfig's own check, before any data is read
+        hf_px.PruneConfig(min_density_ratio=args.min_density_ratio)
+    except ValueError as err:
+        raise SystemExit(f"--min-density-ratio: {err}") from None
     return [(m, s) for s in sparsities for m in args.methods.split(",") if m]
 
 
