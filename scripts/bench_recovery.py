@@ -275,22 +275,27 @@ def summary(records: list[dict[str, Any]], plot_path: Path | None = None) -> str
         parts.append(f"{head}: % of dense accuracy kept\n\n{markdown_table(group, 'retained')}")
     text = "\n\n".join(parts)
     if plot_path is not None and records:
-        text += "\n\n" + plot(plot_records(records), plot_path, key="retained", panel=lambda r: r["dataset"])
+        text += "\n\n" + plot(plot_records(records), plot_path, key="retained", panel=lambda r: r["panel"])
     return text
 
 
-# the variants the plot shows beside the one-shot grid, by (recipe, source); the tables show every recipe
-PLOT_VARIANTS = {("demo-e1", "pretrained"): "{}", ("demo-e1", "teacher"): "{} from teacher",
-                 ("demo-e1-gradual", "pretrained"): "{} gradual", ("demo-e1-gradual", "teacher"): "{} teacher + gradual"}
+# what the plot shows, by (recipe, source): the panel's budget and the line's label; the tables show every recipe
+SMALL, LARGE = "2,000 examples", "large budget, gradual from the teacher"
+PLOT_VARIANTS = {("demo-e1", "pretrained"): (SMALL, "{}"), ("demo-e1", "teacher"): (SMALL, "{} from teacher"),
+                 ("demo-e1-gradual", "pretrained"): (SMALL, "{} gradual"),
+                 ("demo-e1-gradual", "teacher"): (SMALL, "{} teacher + gradual"),
+                 ("full20k-e1-gradual", "teacher"): (LARGE, "{}"), ("full8k-e1-gradual", "teacher"): (LARGE, "{}")}
 
 
 def plot_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One panel per dataset: share of dense kept, the grid's methods plus PX's variants as their own lines."""
+    """Share of dense kept, one panel per (dataset, budget): the small-budget grid with PX's variants as their own
+    lines, and the large-budget recipe's methods."""
     chosen = [r for r in records if (r["recipe"], r["source"]) in PLOT_VARIANTS] or records
     out = []
     for r in with_dense(chosen):
-        name = PLOT_VARIANTS.get((r["recipe"], r["source"]), "{}").format(r["method"])
-        out.append({**r, "method": "dense" if r["method"] == "dense" else name})
+        budget, name = PLOT_VARIANTS.get((r["recipe"], r["source"]), (r["recipe"], "{}"))
+        out.append({**r, "method": "dense" if r["method"] == "dense" else name.format(r["method"]),
+                    "panel": f"{r['dataset']}, {budget}"})
     return out
 
 

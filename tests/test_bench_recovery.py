@@ -148,6 +148,23 @@ def test_summary_tables_mean_std_over_seeds(bench):
     assert kept_rows["px"].split(" | ")[1].strip("*") == want
 
 
+def test_plot_panels_split_the_budgets(bench):
+    small = [dict(_rec(m, 0.8, 0, 0.7, 0.8), recipe="demo-e1") for m in ("px", "snip")]
+    small.append(dict(_rec("px", 0.8, 0, 0.75, 0.8), recipe="demo-e1-gradual", source="teacher"))
+    large = [dict(_rec(m, 0.8, 0, 0.8, 0.85), recipe="full20k-e1-gradual", source="teacher") for m in ("px", "snip")]
+    other = dict(_rec("px", 0.8, 0, 0.7, 0.8), recipe="someone-elses")
+    rows = bench.plot_records(small + large + [other])
+    by_panel: dict[str, set[str]] = {}
+    for r in rows:
+        by_panel.setdefault(r["panel"], set()).add(r["method"])
+    assert by_panel == {  # the unlisted recipe is left out; variants get their own line, large-budget methods do not
+        f"rt, {bench.SMALL}": {"dense", "px", "snip", "px teacher + gradual"},
+        f"rt, {bench.LARGE}": {"dense", "px", "snip"},
+    }
+    dense_large = [r for r in rows if r["panel"].endswith(bench.LARGE) and r["method"] == "dense"]
+    assert [r["accuracy"] for r in dense_large] == [0.85]
+
+
 def test_dataset_sources(bench, tmp_path):
     assert bench.dataset_source("rt", "glue:sst2") == ("builtin:rotten_tomatoes", None)
     assert bench.dataset_source("sst2", "glue:sst2") == ("glue", "sst2")
