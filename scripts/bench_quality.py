@@ -275,7 +275,7 @@ def plot(records: list[dict], path: Path, key: str = "accuracy_after_finetune",
                         [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs], marker="o", label=method,
                         color=colours[method], linewidth=2.5 if method == "px" else 1.2, capsize=2)
         ax.set(title=ds, xlabel="sparsity", ylabel=f"{key.replace('_', ' ')} (%)")
-        ax.legend(fontsize="small", loc="lower left", ncol=2)
+        ax.legend(fontsize="small", loc="best", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     return f"plot: {path}"
