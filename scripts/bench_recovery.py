@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads (1: on a loaded 2-core machine two threads spin against each other)")
     p.add_argument("--work-dir", default="results/recovery-work", help="where the fine-tuned teachers are cached")
     p.add_argument("--out", default="results/recovery.json")
-    p.add_argument("--plot", default="results/recovery.png")
+    p.add_argument("--plot", default="results/recovery.png",
+                   help="where the plot of the share of dense kept is written after every run (one panel per dataset "
+                   "and budget)")
     p.add_argument("--summary-only", action="store_true", help="print the tables and plot from --out, run nothing")
     return p
 
